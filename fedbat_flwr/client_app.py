@@ -1,0 +1,85 @@
+"""Flower ClientApp: unpack the Message, run the configured method, pack the reply."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .config import RunConfig
+from .data import load_partition
+from .methods import LocalTask, get_method
+from .records import arrays_to_record, payload_to_record, record_to_arrays
+from .strategy import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from .task import build_model_for, client_seed, data_config, load_state, model_spec
+from .training import TensorBatches, default_device, evaluate, prepare_model
+
+STATE_KEY = "method-state"  # this client's method memory (EF residual, virtual bits, ...)
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One local round of the configured method; the reply is its encoded payload."""
+    config = RunConfig.from_flower(context.run_config)
+    method = get_method(config.method)(config)
+    partition_id, num_partitions = _partition(context)
+    server_round = int(msg.content["config"]["server-round"])
+    data = load_partition(data_config(config, num_partitions), partition_id)
+    seed = client_seed(config, server_round, partition_id)
+
+    device = default_device()
+    model = build_model_for(config)
+    global_state = record_to_arrays(msg.content[ARRAYS_KEY])
+    load_state(model, global_state)
+    model = prepare_model(model, device)
+    state = record_to_arrays(context.state.array_records.get(STATE_KEY, ArrayRecord()))
+
+    task = LocalTask(
+        model=model,
+        global_state=global_state,
+        spec=model_spec(model),
+        batches=TensorBatches(
+            data.x, data.y, config.batch_size, torch.Generator().manual_seed(seed)
+        ),
+        config=config,
+        device=device,
+        seed=seed,
+        server_round=server_round,
+        state=state,
+    )
+    update = method.train(task)
+    if task.state:
+        context.state[STATE_KEY] = arrays_to_record(task.state)
+
+    pack = arrays_to_record if method.payload_kind == "dense" else payload_to_record
+    metrics = MetricRecord({NUM_EXAMPLES_KEY: update.num_examples, **update.metrics})
+    content = RecordDict({ARRAYS_KEY: pack(update.payload), METRICS_KEY: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Federated evaluation: the received global model on this client's partition."""
+    config = RunConfig.from_flower(context.run_config)
+    partition_id, num_partitions = _partition(context)
+    data = load_partition(data_config(config, num_partitions), partition_id)
+    device = default_device()
+    model = build_model_for(config)
+    load_state(model, record_to_arrays(msg.content[ARRAYS_KEY]))
+    model = prepare_model(model, device)
+    loss, accuracy = evaluate(model, data.x, data.y, batch_size=config.eval_batch_size, device=device)
+    metrics = MetricRecord({"eval-loss": loss, "eval-acc": accuracy, NUM_EXAMPLES_KEY: len(data)})
+    return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    """This node's partition, from `--node-config "partition-id=i num-partitions=N"`."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as exc:
+        raise ValueError(
+            f"node config lacks {exc}; start the SuperNode with "
+            '--node-config "partition-id=<i> num-partitions=<N>"'
+        ) from None

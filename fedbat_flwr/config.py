@@ -1,0 +1,158 @@
+"""The run config, parsed and validated once.
+
+Flower hands both apps `context.run_config`, a flat dict of the `[tool.flwr.app.config]` table
+(with `--run-config` overrides). Everything downstream reads a `RunConfig` instead, so a bad value
+fails once, at start-up, with a message naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "svhn")
+PARTITIONERS = ("iid", "dirichlet", "shard")
+MODELS = ("auto", "cnn4", "resnet10")
+
+
+class ConfigError(ValueError):
+    """A run-config value is not allowed."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run-config key, with the paper's defaults (see pyproject.toml for the CPU ones)."""
+
+    method: str = "fedbat"
+    aggregator: str = "fedavg"
+    model: str = "auto"
+    resnet_width: int = 32
+    dataset: str = "fashion_mnist"
+    data_dir: str = ""
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.3
+    labels_per_client: int = 3
+    max_examples_per_client: int = 0
+    num_server_rounds: int = 5
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.1
+    rho: float = 6.0
+    phi: float = 0.5
+    alpha_min: float = 5e-4
+    alpha_max: float = 5e-2
+    stat_alpha_max: float = 10.0
+    max_num_examples: int = 1_000_000
+    seed: int = 42
+    output_dir: str = "outputs"
+    run_name: str = ""
+    eval_every: int = 1
+    eval_batch_size: int = 1024
+    max_test_examples: int = 0
+    # Method-specific keys live in `extra` (validated by the method that reads them).
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("partitioner", self.partitioner, PARTITIONERS)
+        _check_choice("model", self.model, MODELS)
+        _check_choice("resnet-width", self.resnet_width, (32, 64))
+        for key in ("num_server_rounds", "local_epochs", "batch_size", "eval_every"):
+            _check_range(key, getattr(self, key), lo=1)
+        for key in ("max_examples_per_client", "max_test_examples"):
+            _check_range(key, getattr(self, key), lo=0)
+        _check_range("min_train_nodes", self.min_train_nodes, lo=1)
+        _check_range("max_num_examples", self.max_num_examples, lo=1)
+        _check_range("labels_per_client", self.labels_per_client, lo=1)
+        _check_range("fraction_train", self.fraction_train, lo=0.0, hi=1.0, lo_open=True)
+        _check_range("dirichlet_alpha", self.dirichlet_alpha, lo=0.0, lo_open=True)
+        _check_range("lr", self.lr, lo=0.0, lo_open=True)
+        _check_range("rho", self.rho, lo=0.0)
+        _check_range("phi", self.phi, lo=0.0, hi=1.0)
+        _check_range("alpha_min", self.alpha_min, lo=0.0, lo_open=True)
+        _check_range("alpha_max", self.alpha_max, lo=self.alpha_min)
+        _check_range("stat_alpha_max", self.stat_alpha_max, lo=0.0, lo_open=True)
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's flat `run_config` (dashed keys); unknown keys go to `extra`."""
+        defaults = {f.name: f.default for f in fields(cls) if f.name != "extra"}
+        values: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for raw_key, value in run_config.items():
+            key = raw_key.replace("-", "_")
+            if key not in defaults:
+                extra[raw_key] = value
+                continue
+            values[key] = _coerce(raw_key, value, type(defaults[key]))
+        return cls(**values, extra=extra)
+
+    def to_flower(self) -> dict[str, Any]:
+        """The inverse of `from_flower`: flat, dashed keys (what metrics/summary record)."""
+        out = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        out.pop("extra")
+        out.update(self.extra)
+        return out
+
+    def get(self, key: str, default: Any) -> Any:
+        """A method-specific key from `extra`, coerced to the default's type."""
+        if key not in self.extra:
+            return default
+        return _coerce(key, self.extra[key], type(default))
+
+    @property
+    def model_name(self) -> str:
+        if self.model != "auto":
+            return self.model
+        return "resnet10" if self.dataset.startswith("cifar") else "cnn4"
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """TOML gives ints for floats written without a dot; accept those, refuse the rest."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"run-config '{key}' = {value!r} has type {type(value).__name__}; "
+            f"allowed: {kind.__name__}"
+        )
+    return value
+
+
+def _check_choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        names = ", ".join(repr(a) for a in allowed)
+        raise ConfigError(f"run-config '{_dash(key)}' = {value!r} is not allowed; allowed: {names}")
+
+
+def _check_range(
+    key: str,
+    value: float,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> None:
+    bad = isinstance(value, float) and not math.isfinite(value)
+    if lo is not None:
+        bad = bad or (value <= lo if lo_open else value < lo)
+    if hi is not None:
+        bad = bad or value > hi
+    if bad:
+        left = "(" if lo_open else "["
+        allowed = f"{left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ConfigError(f"run-config '{_dash(key)}' = {value!r} is out of range; allowed: {allowed}")
+
+
+def _dash(key: str) -> str:
+    return key.replace("_", "-")

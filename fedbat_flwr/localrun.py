@@ -1,0 +1,234 @@
+"""Run the app through Flower's own runtime on this machine, owning every process started.
+
+`flwr run .` starts a detached local SuperLink and leaves it running. Tests, sweeps and scripts
+instead start the SuperLink themselves (same command line as Flower's CLI, runtime dependency
+installation disabled because the environment already holds the app), submit runs with
+`flwr run`, and stop it by PID when done — also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+APP_DIR = Path(__file__).resolve().parent.parent
+FLOWER_CONFIG = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (works without an activated venv)."""
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else name
+
+
+def toml_value(value: Any) -> str:
+    """A run-config value as TOML, for `--run-config "key=value"`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+def run_config_arg(run_config: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+
+
+class LocalSuperLink:
+    """A simulation-mode SuperLink on loopback, with its own Flower home and ports."""
+
+    def __init__(self, http_port: int | None = None, control_port: int | None = None) -> None:
+        # Free ports by default, so tests and sweeps never meet a user's SuperLink (39091/39093).
+        self.http_port = http_port or free_port()
+        self.control_port = control_port or free_port()
+        self.home = Path(tempfile.mkdtemp(prefix="fedbat-flwr-home-"))
+        (self.home / "config.toml").write_text(FLOWER_CONFIG)
+        self.log_path = self.home / "superlink.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for `flwr` commands that talk to this SuperLink."""
+        env = dict(os.environ)
+        # The SuperLink spawns flower-superexec, flwr-serverapp, ... by name: this env's first.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.update(
+            FLWR_HOME=str(self.home),
+            FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(self.http_port),
+            FLWR_LOCAL_CONTROL_API_PORT=str(self.control_port),
+            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+            FLWR_DISABLE_UPDATE_CHECK="1",
+        )
+        return env
+
+    def start(self, timeout: float = 60.0) -> None:
+        command = [
+            _bin("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--control-api-address",
+            f"127.0.0.1:{self.control_port}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.http_port),
+            "--disable-runtime-dependency-installation",
+        ]
+        log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the process' lifetime
+        self.process = subprocess.Popen(
+            command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited; see {self.log_path}")
+            if self._healthy():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"flower-superlink not ready after {timeout}s; see {self.log_path}")
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.http_port}/health", timeout=0.5).is_success
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        """Stop the SuperLink and everything it spawned (its process group), by PID."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        stop_process_group(self.process)
+
+    def __enter__(self) -> LocalSuperLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def run(
+        self,
+        run_config: Mapping[str, Any],
+        *,
+        num_supernodes: int,
+        app_dir: Path = APP_DIR,
+        on_line: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Submit one run with `flwr run --stream` and wait for it; returns the exit code."""
+        command = [
+            _bin("flwr"),
+            "run",
+            str(app_dir),
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={num_supernodes}",
+        ]
+        if run_config:
+            command += ["--run-config", run_config_arg(run_config)]
+        proc = subprocess.Popen(
+            command,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"run did not finish within {timeout}s")
+            return proc.wait()
+        finally:
+            if proc.poll() is None:
+                stop_process_group(proc)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every living descendant of `pid` (Linux /proc), parents before children.
+
+    Flower starts some children detached (a new session), so a process-group kill misses them;
+    walking the parent links finds them all.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    queue = list(children.get(pid, []))
+    while queue:
+        child = queue.pop(0)
+        found.append(child)
+        queue.extend(children.get(child, []))
+    return found
+
+
+def stop_process_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """Stop `proc` and all its descendants by PID: SIGTERM, wait `grace` s, then SIGKILL."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    while time.monotonic() < deadline and any(_alive(p) for p in pids[1:]):
+        time.sleep(0.1)
+    _signal_all([p for p in pids if _alive(p)], signal.SIGKILL)
+    proc.wait()
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@contextmanager
+def local_superlink(**kwargs: int) -> Iterator[LocalSuperLink]:
+    link = LocalSuperLink(**kwargs)
+    with link:
+        yield link

@@ -1,0 +1,88 @@
+"""What a method is: a client transform (torch) plus the payload kind the server decodes.
+
+A method file defines one `Method` subclass and decorates it with `@register`. The ClientApp
+looks the method up by the run config's `method` and calls `train`; the strategy looks up the
+payload kind's codec in `fedbat_flwr.wire`. Adding a method therefore edits no other file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..training import TensorBatches
+from ..wire import ModelSpec
+
+
+@dataclass
+class LocalTask:
+    """Everything one client round needs; the model already holds the global weights."""
+
+    model: nn.Module
+    global_state: dict[str, np.ndarray]
+    spec: ModelSpec
+    batches: TensorBatches
+    config: RunConfig
+    device: torch.device
+    seed: int
+    server_round: int
+    # Per-client memory that survives rounds (error feedback, virtual bits): numpy arrays by
+    # name, stored by the ClientApp in Flower's `context.state`.
+    state: MutableMapping[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class ClientUpdate:
+    """What a client sends back: the encoded payload and the numbers the server weighs it by."""
+
+    payload: dict[str, np.ndarray]
+    num_examples: int
+    metrics: dict[str, float]
+
+
+class Method(ABC):
+    """One training method (FedBAT or a baseline), client side."""
+
+    name: ClassVar[str]
+    payload_kind: ClassVar[str]  # the wire codec the server decodes replies with
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def train(self, task: LocalTask) -> ClientUpdate:
+        """Run one client round and encode the result."""
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method selectable with `--run-config "method='<name>'"`."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered under `name`; the error lists the allowed names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        allowed = ", ".join(repr(n) for n in method_names())
+        raise ValueError(f"run-config 'method' = {name!r} is unknown; allowed: {allowed}") from None
+
+
+MethodFactory = Callable[[RunConfig], Method]

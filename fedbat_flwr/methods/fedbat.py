@@ -1,0 +1,37 @@
+"""FedBAT (Li et al., ICML 2024): learn the 1-bit update and its step size during local training."""
+
+from __future__ import annotations
+
+from ..training import FedBATConfig, train_fedbat
+from ..wire import encode_signs
+from .base import ClientUpdate, LocalTask, Method, register
+from .common import stat_signs
+
+
+@register
+class FedBAT(Method):
+    """Algorithm 1, client side; the server applies Eq. 11 through the shared sign codec."""
+
+    name = "fedbat"
+    payload_kind = "signs"
+
+    def train(self, task: LocalTask) -> ClientUpdate:
+        cfg = self.config
+        trainer_config = FedBATConfig(
+            epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            rho=cfg.rho,
+            phi=cfg.phi,
+            alpha_min=cfg.alpha_min,
+            alpha_max=cfg.alpha_max,
+        )
+        result = train_fedbat(
+            task.model, task.batches, trainer_config, device=task.device, seed=task.seed
+        )
+        stat_bits, stat_alphas = stat_signs(task)
+        payload = encode_signs(
+            task.spec, {**result.bits, **stat_bits}, {**result.alphas, **stat_alphas}
+        )
+        metrics = {"train-loss": result.train_loss, "switch-step": float(result.switch_step)}
+        return ClientUpdate(payload, result.num_examples, metrics)

@@ -1,0 +1,506 @@
+"""Tables and plots of a suite's finished runs (read from the results contract, never from logs).
+
+A suite's runs are grouped by everything that varies except the seed: method, partitioner, the
+number of clients N, and any other gridded keys ("extras"). Each group becomes one table cell
+(mean ± std over seeds, like Table 1 of the FedBAT paper) and one curve per plot panel.
+Standard deviations are population std (numpy's default, ddof=0) over seeds; one seed gives 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .results import read_metrics
+
+MB = 1e6  # bytes per MB in every table and plot (decimal, like network traffic)
+LAST_K = 5  # final_mean_last5: short non-IID runs are noisy, so also average the last rounds
+
+Extras = tuple[tuple[str, Any], ...]
+Row = tuple[str, Extras]  # (method, extras)
+Column = tuple[int, str]  # (num_clients, partitioner)
+# paper[method][num_clients][partitioner] = (mean %, std %) as printed in the paper's table.
+Paper = Mapping[str, Mapping[int, Mapping[str, Sequence[float]]]]
+
+CSV_COLUMNS = (
+    "method",
+    "label",
+    "partitioner",
+    "num_clients",
+    "extras",
+    "num_seeds",
+    "rounds",
+    "final_accuracy_mean",
+    "final_accuracy_std",
+    "final_mean_last5",
+    "final_mean_last5_std",
+    "best_accuracy_mean",
+    "uplink_mb",
+    "downlink_mb",
+    "uplink_bits_per_param",
+    "paper_accuracy_mean",
+    "paper_accuracy_std",
+)
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """What identifies a group of runs that differ only by seed."""
+
+    method: str
+    partitioner: str
+    num_clients: int
+    extras: Extras = ()
+
+    @property
+    def column(self) -> Column:
+        """The table column / plot panel: N outer, partitioner inner (the paper's layout)."""
+        return (self.num_clients, self.partitioner)
+
+    @property
+    def row(self) -> Row:
+        return (self.method, self.extras)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One finished run: its group, seed, per-round rows and summary."""
+
+    key: GroupKey
+    seed: int
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    @property
+    def evaluated(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r.get("test_accuracy") is not None]
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Aggregates over the seeds of one group; accuracies are fractions in [0, 1]."""
+
+    key: GroupKey
+    num_seeds: int
+    rounds: int
+    final_accuracy_mean: float
+    final_accuracy_std: float
+    final_mean_last5: float
+    final_mean_last5_std: float
+    best_accuracy_mean: float
+    uplink_mb: float
+    downlink_mb: float
+    uplink_bits_per_param: float
+
+
+def load_run(run_dir: Path, key: GroupKey, seed: int) -> RunResult:
+    """Read a finished run directory (summary.json + metrics.jsonl)."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    return RunResult(key=key, seed=seed, rows=read_metrics(run_dir), summary=summary)
+
+
+def aggregate(runs: Iterable[RunResult]) -> list[GroupStats]:
+    """One GroupStats per group, in first-seen order."""
+    groups: dict[GroupKey, list[RunResult]] = {}
+    for run in runs:
+        groups.setdefault(run.key, []).append(run)
+    return [_group_stats(key, members) for key, members in groups.items()]
+
+
+def _group_stats(key: GroupKey, runs: list[RunResult]) -> GroupStats:
+    final = [_final_accuracy(r) for r in runs]
+    last5 = [_mean([row["test_accuracy"] for row in r.evaluated[-LAST_K:]]) for r in runs]
+    best = [_float(r.summary.get("best_accuracy")) for r in runs]
+    return GroupStats(
+        key=key,
+        num_seeds=len(runs),
+        rounds=min(int(r.summary.get("rounds_completed", len(r.rows))) for r in runs),
+        final_accuracy_mean=_mean(final),
+        final_accuracy_std=_std(final),
+        final_mean_last5=_mean(last5),
+        final_mean_last5_std=_std(last5),
+        best_accuracy_mean=_mean(best),
+        uplink_mb=_mean([_total(r, "uplink_bytes") / MB for r in runs]),
+        downlink_mb=_mean([_total(r, "downlink_bytes") / MB for r in runs]),
+        uplink_bits_per_param=_mean([_mean_bits(r) for r in runs]),
+    )
+
+
+def _final_accuracy(run: RunResult) -> float:
+    """The last evaluated round's accuracy (the server always evaluates the last round)."""
+    value = run.summary.get("final_accuracy")
+    if value is None and run.evaluated:
+        value = run.evaluated[-1]["test_accuracy"]
+    return _float(value)
+
+
+def _total(run: RunResult, key: str) -> float:
+    value = run.summary.get(f"total_{key}")
+    return float(value) if value is not None else float(sum(r[key] for r in run.rows))
+
+
+def _mean_bits(run: RunResult) -> float:
+    return _mean([r.get("uplink_bits_per_param") for r in run.rows])
+
+
+def _float(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _mean(values: Iterable[Any]) -> float:
+    vals = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _std(values: Iterable[Any]) -> float:
+    vals = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.std(vals)) if vals else float("nan")
+
+
+# --- labels and layout ----------------------------------------------------------------------
+
+
+def row_label(method: str, extras: Extras, labels: Mapping[str, str]) -> str:
+    """The method's pretty name, plus the other gridded values when there are any."""
+    name = labels.get(method, method)
+    if not extras:
+        return name
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in extras)})"
+
+
+def column_label(column: Column) -> str:
+    num_clients, partitioner = column
+    return f"{partitioner}, N={num_clients}"
+
+
+def columns_of(stats: Iterable[GroupStats]) -> list[Column]:
+    """Table columns / plot panels: N ascending, partitioners in first-seen order."""
+    seen: list[Column] = []
+    for s in stats:
+        if s.key.column not in seen:
+            seen.append(s.key.column)
+    order = {p: i for i, p in enumerate(dict.fromkeys(p for _, p in seen))}
+    return sorted(seen, key=lambda c: (c[0], order[c[1]]))
+
+
+def rows_of(stats: Iterable[GroupStats]) -> list[Row]:
+    return list(dict.fromkeys(s.key.row for s in stats))
+
+
+def paper_value(paper: Paper, method: str, column: Column) -> tuple[float, float] | None:
+    """(mean %, std %) for one table cell, or None when the paper has no such number."""
+    num_clients, partitioner = column
+    value = paper.get(method, {}).get(num_clients, {}).get(partitioner)
+    return None if value is None else (float(value[0]), float(value[1]))
+
+
+# --- CSV ------------------------------------------------------------------------------------
+
+
+def write_csv(
+    stats: Sequence[GroupStats], path: Path, labels: Mapping[str, str], paper: Paper
+) -> Path:
+    """One row per group; accuracies as fractions (the unit of summary.json), traffic in MB."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for s in stats:
+            ref = paper_value(paper, s.key.method, s.key.column) if not s.key.extras else None
+            writer.writerow(
+                {
+                    "method": s.key.method,
+                    "label": row_label(s.key.method, s.key.extras, labels),
+                    "partitioner": s.key.partitioner,
+                    "num_clients": s.key.num_clients,
+                    "extras": ";".join(f"{k}={v}" for k, v in s.key.extras),
+                    "num_seeds": s.num_seeds,
+                    "rounds": s.rounds,
+                    "final_accuracy_mean": _fmt(s.final_accuracy_mean, 6),
+                    "final_accuracy_std": _fmt(s.final_accuracy_std, 6),
+                    "final_mean_last5": _fmt(s.final_mean_last5, 6),
+                    "final_mean_last5_std": _fmt(s.final_mean_last5_std, 6),
+                    "best_accuracy_mean": _fmt(s.best_accuracy_mean, 6),
+                    "uplink_mb": _fmt(s.uplink_mb, 4),
+                    "downlink_mb": _fmt(s.downlink_mb, 4),
+                    "uplink_bits_per_param": _fmt(s.uplink_bits_per_param, 4),
+                    "paper_accuracy_mean": "" if ref is None else _fmt(ref[0] / 100, 4),
+                    "paper_accuracy_std": "" if ref is None else _fmt(ref[1] / 100, 4),
+                }
+            )
+    return path
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "" if not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+# --- Markdown -------------------------------------------------------------------------------
+
+
+def write_markdown(
+    stats: Sequence[GroupStats],
+    path: Path,
+    *,
+    title: str,
+    labels: Mapping[str, str],
+    paper: Paper,
+    notes: Sequence[str] = (),
+) -> Path:
+    """table.md: final accuracy (± std) beside the paper's, best, last-5 mean, traffic."""
+    table = _Cells(stats, labels)
+    parts = [f"# {title}", ""]
+    if notes:
+        parts += [*notes, ""]
+    parts += _final_table(table, paper)
+    parts += table.simple(
+        "Best accuracy (%), mean over seeds", lambda s: _pct(s.best_accuracy_mean)
+    )
+    parts += table.simple(
+        f"Mean accuracy of the last {LAST_K} evaluated rounds (%), mean ± std over seeds",
+        lambda s: _pct_pm(s.final_mean_last5, s.final_mean_last5_std),
+    )
+    parts += _traffic_table(table)
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+class _Cells:
+    """Groups indexed by (row, column), with the row and column order of the tables."""
+
+    def __init__(self, stats: Sequence[GroupStats], labels: Mapping[str, str]) -> None:
+        self.stats = stats
+        self.labels = labels
+        self.rows = rows_of(stats)
+        self.columns = columns_of(stats)
+        self.by_cell = {(s.key.row, s.key.column): s for s in stats}
+
+    def label(self, row: Row) -> str:
+        return row_label(row[0], row[1], self.labels)
+
+    def render(self, row: Row, column: Column, how: Callable[[GroupStats], str]) -> str:
+        stats = self.by_cell.get((row, column))
+        return "–" if stats is None else how(stats)
+
+    def simple(self, heading: str, how: Callable[[GroupStats], str]) -> list[str]:
+        lines = [f"## {heading}", "", *_md_header(["method", *map(column_label, self.columns)])]
+        for row in self.rows:
+            cells = [self.render(row, c, how) for c in self.columns]
+            lines.append(_md_row([self.label(row), *cells]))
+        return [*lines, ""]
+
+
+def _final_table(table: _Cells, paper: Paper) -> list[str]:
+    """Final accuracy; a '(paper)' column follows each column the paper reports."""
+    with_paper = {c for c in table.columns if any(paper_value(paper, m, c) for m in paper)}
+    header = ["method"]
+    for c in table.columns:
+        header += [column_label(c)] + ([f"{column_label(c)} (paper)"] if c in with_paper else [])
+    # Methods the paper reports but the suite did not run still get a row, for reference.
+    rows = table.rows + [(m, ()) for m in paper if (m, ()) not in table.rows]
+    lines = ["## Final accuracy (%), mean ± std over seeds", "", *_md_header(header)]
+    for row in rows:
+        cells = [table.label(row)]
+        for c in table.columns:
+            cells.append(table.render(row, c, _final_cell))
+            if c in with_paper:
+                cells.append(_paper_cell(paper, row, c))
+        lines.append(_md_row(cells))
+    return [*lines, ""]
+
+
+def _traffic_table(table: _Cells) -> list[str]:
+    """Traffic per run, averaged over every run of the method (it hardly depends on the column)."""
+    header = ["method", "uplink MB / run", "uplink bit/param", "downlink MB / run", "rounds"]
+    lines = ["## Communication (MB = 10^6 bytes)", "", *_md_header(header)]
+    for row in table.rows:
+        members = [s for s in table.stats if s.key.row == row]
+        cells = [
+            table.label(row),
+            f"{_mean(s.uplink_mb for s in members):.1f}",
+            f"{_mean(s.uplink_bits_per_param for s in members):.3f}",
+            f"{_mean(s.downlink_mb for s in members):.1f}",
+            str(min(s.rounds for s in members)),
+        ]
+        lines.append(_md_row(cells))
+    return [*lines, ""]
+
+
+def _final_cell(s: GroupStats) -> str:
+    text = _pct_pm(s.final_accuracy_mean, s.final_accuracy_std)
+    return text if s.num_seeds > 1 else f"{text} (1 seed)"
+
+
+def _paper_cell(paper: Paper, row: Row, column: Column) -> str:
+    value = paper_value(paper, row[0], column) if not row[1] else None
+    return "–" if value is None else f"{value[0]:.1f} ± {value[1]:.1f}"
+
+
+def _pct(value: float) -> str:
+    return "–" if not np.isfinite(value) else f"{100 * value:.1f}"
+
+
+def _pct_pm(mean: float, std: float) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _md_header(cells: Sequence[str]) -> list[str]:
+    return [_md_row(cells), _md_row(["---"] + ["---:"] * (len(cells) - 1))]
+
+
+def _md_row(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+# --- plots ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One group's mean-over-seeds curve: x per evaluated round, accuracy in %."""
+
+    rounds: np.ndarray
+    uplink_mb: np.ndarray  # cumulative uplink at the end of each of those rounds
+    accuracy: np.ndarray
+
+
+def curves(runs: Iterable[RunResult]) -> dict[GroupKey, Curve]:
+    """Average the runs of each group round by round (seeds that lack a round are skipped)."""
+    per_round: dict[GroupKey, dict[int, list[tuple[float, float]]]] = {}
+    for run in runs:
+        cumulative = np.cumsum([row["uplink_bytes"] for row in run.rows]) / MB
+        points = per_round.setdefault(run.key, {})
+        for row, up in zip(run.rows, cumulative, strict=True):
+            if row.get("test_accuracy") is not None:
+                points.setdefault(int(row["round"]), []).append((up, row["test_accuracy"]))
+    out = {}
+    for key, points in per_round.items():
+        rounds = sorted(points)
+        means = np.array([np.mean(points[r], axis=0) for r in rounds]).reshape(-1, 2)
+        out[key] = Curve(np.array(rounds), means[:, 0], 100 * means[:, 1])
+    return out
+
+
+@dataclass(frozen=True)
+class XAxis:
+    """What a plot puts on x: the Curve field, its label (with units), its scale."""
+
+    field: str
+    label: str
+    name: str
+    log: bool = False
+
+
+ROUND_AXIS = XAxis("rounds", "round", "round")
+UPLINK_AXIS = XAxis("uplink_mb", "cumulative uplink (MB, log scale)", "uplink", log=True)
+
+
+def write_plots(
+    runs: Sequence[RunResult], out_dir: Path, *, title: str, labels: Mapping[str, str]
+) -> list[Path]:
+    """accuracy_vs_round.png and accuracy_vs_uplink.png: a panel per (N, partitioner)."""
+    by_group = curves(runs)
+    if not by_group:
+        return []
+    return [
+        _plot(by_group, out_dir / "accuracy_vs_round.png", ROUND_AXIS, title, labels),
+        _plot(by_group, out_dir / "accuracy_vs_uplink.png", UPLINK_AXIS, title, labels),
+    ]
+
+
+def _plot(
+    by_group: Mapping[GroupKey, Curve],
+    path: Path,
+    x: XAxis,
+    title: str,
+    labels: Mapping[str, str],
+) -> Path:
+    """Rows of panels = N, columns = partitioners; a method keeps its colour in every panel."""
+    # A Figure without pyplot: no global state, no GUI backend (savefig renders through Agg).
+    from matplotlib.figure import Figure
+
+    keys = list(by_group)
+    sizes = sorted({k.num_clients for k in keys})
+    partitioners = list(dict.fromkeys(k.partitioner for k in keys))
+    colours = {row: f"C{i % 10}" for i, row in enumerate(dict.fromkeys(k.row for k in keys))}
+    fig = Figure(figsize=(4.2 * len(partitioners), 3.4 * len(sizes) + 0.9), layout="constrained")
+    axes = fig.subplots(len(sizes), len(partitioners), squeeze=False, sharey=True)
+    for i, n in enumerate(sizes):
+        for j, part in enumerate(partitioners):
+            members = {k: by_group[k] for k in keys if k.column == (n, part)}
+            _panel(axes[i][j], (n, part), members, x, colours, labels)
+    handles, names = _legend_entries(axes)
+    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4))
+    fig.suptitle(f"{title}: test accuracy vs {x.name} (mean over seeds)")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _panel(
+    ax: Any,
+    column: Column,
+    members: Mapping[GroupKey, Curve],
+    x: XAxis,
+    colours: Mapping[Row, str],
+    labels: Mapping[str, str],
+) -> None:
+    if not members:
+        ax.set_visible(False)
+        return
+    for key, curve in members.items():
+        ax.plot(
+            getattr(curve, x.field),
+            curve.accuracy,
+            "o-" if len(curve.rounds) <= 20 else "-",
+            markersize=3,
+            color=colours[key.row],
+            label=row_label(key.method, key.extras, labels),
+        )
+    if x.log:
+        ax.set_xscale("log")
+    ax.set_title(column_label(column))
+    ax.set_xlabel(x.label)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+
+
+def _legend_entries(axes: Any) -> tuple[list[Any], list[str]]:
+    """One legend entry per method across all panels (panels may miss some methods)."""
+    entries: dict[str, Any] = {}
+    for ax in np.ravel(axes):
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(name, handle)
+    return list(entries.values()), list(entries)
+
+
+# --- everything at once ---------------------------------------------------------------------
+
+
+def write_report(
+    runs: Sequence[RunResult],
+    out_dir: Path,
+    *,
+    title: str,
+    labels: Mapping[str, str],
+    paper: Paper,
+    notes: Sequence[str] = (),
+) -> list[Path]:
+    """table.md, table.csv and both plots in `out_dir`; returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = aggregate(runs)
+    if not stats:
+        return []
+    written = [
+        write_markdown(
+            stats, out_dir / "table.md", title=title, labels=labels, paper=paper, notes=notes
+        ),
+        write_csv(stats, out_dir / "table.csv", labels, paper),
+    ]
+    return written + write_plots(runs, out_dir, title=title, labels=labels)

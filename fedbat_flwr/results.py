@@ -1,0 +1,172 @@
+"""The results contract: `<output-dir>/<run-name>/` with metrics.jsonl, summary.json, model.npz.
+
+Other tools (the sweep's tables and plots, CI checks) read these files, so the keys below are
+stable: add keys, never rename or drop them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Keys every metrics.jsonl row has (values may be null when a round was not evaluated).
+METRIC_KEYS = (
+    "round",
+    "method",
+    "test_accuracy",
+    "test_loss",
+    "uplink_bytes",
+    "uplink_bits_per_param",
+    "downlink_bytes",
+    "downlink_bits_per_param",
+    "num_replies",
+    "num_rejected",
+    "round_seconds",
+)
+SUMMARY_KEYS = (
+    "run_name",
+    "method",
+    "config",
+    "num_params",
+    "rounds_completed",
+    "final_accuracy",
+    "best_accuracy",
+    "final_loss",
+    "total_uplink_bytes",
+    "total_downlink_bytes",
+    "wall_seconds",
+)
+
+
+def default_run_name(method: str, dataset: str, partitioner: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{method}-{dataset}-{partitioner}-{stamp}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write-then-rename, so a reader (or a crash) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2) + "\n").encode())
+
+
+def save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """A model checkpoint: one .npz of the exchanged state, written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, path)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """All rows of a run's metrics.jsonl (empty if the run has not finished a round)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class RunRecorder:
+    """Writes one run's results as the rounds finish."""
+
+    run_dir: Path
+    method: str
+    config: dict[str, Any]
+    num_params: int
+    num_rounds: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    initial: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "metrics.jsonl").write_text("")
+
+    def add_round(self, row: dict[str, Any]) -> None:
+        """Append one round's row (it must carry every METRIC_KEYS key) and print a progress line."""
+        missing = [k for k in METRIC_KEYS if k not in row]
+        if missing:
+            raise KeyError(f"metrics row lacks {missing}")
+        row = _jsonable(row)
+        self.rows.append(row)
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(progress_line(row, self.num_rounds), flush=True)
+
+    def finish(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Write the final model and summary.json; return the summary."""
+        save_arrays(self.run_dir / "model.npz", arrays)
+        summary = self.summary()
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        accuracies = [r["test_accuracy"] for r in self.rows if r["test_accuracy"] is not None]
+        evaluated = [r for r in self.rows if r["test_accuracy"] is not None]
+        return {
+            "run_name": self.run_dir.name,
+            "method": self.method,
+            "config": self.config,
+            "num_params": self.num_params,
+            "rounds_completed": len(self.rows),
+            "initial_accuracy": self.initial.get("accuracy"),
+            "final_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
+            "best_accuracy": max(accuracies) if accuracies else None,
+            "final_loss": evaluated[-1]["test_loss"] if evaluated else None,
+            "total_uplink_bytes": sum(r["uplink_bytes"] for r in self.rows),
+            "total_downlink_bytes": sum(r["downlink_bytes"] for r in self.rows),
+            "mean_uplink_bits_per_param": _mean(r["uplink_bits_per_param"] for r in self.rows),
+            "total_rejected": sum(r["num_rejected"] for r in self.rows),
+            "wall_seconds": time.monotonic() - self.started,
+        }
+
+
+def progress_line(row: Mapping[str, Any], num_rounds: int) -> str:
+    acc = row["test_accuracy"]
+    acc_text = "   n/a" if acc is None else f"{acc:.4f}"
+    return (
+        f"[fedbat-flwr] round {row['round']:>3}/{num_rounds} | {row['method']} | "
+        f"test acc {acc_text} | uplink {row['uplink_bits_per_param']:.3f} bit/param | "
+        f"replies {row['num_replies']} (+{row['num_rejected']} rejected) | "
+        f"{row['round_seconds']:.1f} s"
+    )
+
+
+def _mean(values: Any) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy scalars -> Python; NaN/inf -> None (JSON has neither)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -1,0 +1,125 @@
+"""Flower ServerApp: build model, strategy and recorder from the run config; start; write results."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from .config import RunConfig
+from .data import load_test_set
+from .methods import get_method
+from .records import arrays_to_record, record_to_arrays
+from .results import RunRecorder, default_run_name
+from .strategy import UplinkMixin, build_strategy
+from .task import build_model_for, data_config, load_state, model_spec, state_arrays
+from .training import default_device, evaluate, prepare_model
+from .wire import AlphaBounds
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = RunConfig.from_flower(context.run_config)
+    method = get_method(config.method)
+    model = build_model_for(config)
+    spec = model_spec(model)
+    initial = state_arrays(model)
+
+    run_name = config.run_name or default_run_name(config.method, config.dataset, config.partitioner)
+    run_dir = Path(config.output_dir).resolve() / run_name
+    recorder = RunRecorder(run_dir, config.method, config.to_flower(), spec.num_params,
+                           config.num_server_rounds)
+    log(INFO, "fedbat-flwr: %s on %s, results in %s", config.method, config.dataset, run_dir)
+
+    strategy = build_strategy(
+        config.aggregator,
+        spec=spec,
+        payload_kind=method.payload_kind,
+        bounds=AlphaBounds(
+            param=(config.alpha_min, config.alpha_max), stat=(0.0, config.stat_alpha_max)
+        ),
+        max_num_examples=config.max_num_examples,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=config.min_train_nodes,
+        min_available_nodes=config.min_train_nodes,
+    )
+    evaluate_fn = CentralEvaluation(config, strategy, recorder)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=arrays_to_record(initial),
+        num_rounds=config.num_server_rounds,
+        train_config=ConfigRecord({"method": config.method}),
+        evaluate_fn=evaluate_fn,
+    )
+    final = record_to_arrays(result.arrays) if result.arrays is not None else initial
+    summary = recorder.finish(final)
+    log(
+        INFO,
+        "fedbat-flwr: final accuracy %s, best %s, uplink %.2f MB, results in %s",
+        summary["final_accuracy"],
+        summary["best_accuracy"],
+        summary["total_uplink_bytes"] / 1e6,
+        run_dir,
+    )
+
+
+class CentralEvaluation:
+    """Flower's `evaluate_fn`: test the global model, then write the round's results row."""
+
+    def __init__(self, config: RunConfig, strategy: UplinkMixin, recorder: RunRecorder) -> None:
+        self.config = config
+        self.strategy = strategy
+        self.recorder = recorder
+        self.device = default_device()
+        self.test = load_test_set(
+            data_config(config, num_partitions=1), max_examples=config.max_test_examples or None
+        )
+        self.model = prepare_model(build_model_for(config), self.device)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        last = server_round == self.config.num_server_rounds
+        metrics: dict[str, float] = {}
+        if server_round == 0 or last or server_round % self.config.eval_every == 0:
+            load_state(self.model, record_to_arrays(arrays))
+            loss, accuracy = evaluate(
+                self.model,
+                self.test.x,
+                self.test.y,
+                batch_size=self.config.eval_batch_size,
+                device=self.device,
+            )
+            metrics = {"test-loss": loss, "test-accuracy": accuracy}
+        if server_round == 0:
+            self.recorder.initial = {"accuracy": metrics["test-accuracy"]}
+        else:
+            self._record(server_round, metrics)
+        return MetricRecord(metrics) if metrics else None
+
+    def _record(self, server_round: int, metrics: dict[str, float]) -> None:
+        stats = self.strategy.rounds[server_round]
+        num_params = self.strategy.spec.num_params
+        sent = max(stats.num_sent, 1)
+        self.recorder.add_round(
+            {
+                "round": server_round,
+                "method": self.config.method,
+                "test_accuracy": metrics.get("test-accuracy"),
+                "test_loss": metrics.get("test-loss"),
+                "uplink_bytes": stats.uplink_bytes,
+                "uplink_bits_per_param": stats.uplink_bits_per_param,
+                "downlink_bytes": stats.downlink_bytes,
+                "downlink_bits_per_param": 8 * stats.downlink_bytes / sent / num_params,
+                "num_replies": stats.num_replies,
+                "num_rejected": stats.num_rejected,
+                "round_seconds": time.monotonic() - stats.started,
+                "model_updated": stats.model_updated,
+                "train_loss": stats.train_metrics.get("train-loss"),
+            }
+        )

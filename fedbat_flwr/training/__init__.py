@@ -1,0 +1,44 @@
+"""Training room (torch only, never flwr): S(m, alpha), parametrized updates, models, loops."""
+
+from fedbat_flwr.training.binarize import StochasticBinarize, binarize
+from fedbat_flwr.training.fedbat import FedBATConfig, FedBATResult, switch_step, train_fedbat
+from fedbat_flwr.training.loop import (
+    TensorBatches,
+    default_device,
+    evaluate,
+    input_memory_format,
+    prepare_model,
+    run_sgd,
+    seed_everything,
+)
+from fedbat_flwr.training.models import MODEL_NAMES, CNN4, ResNet10, build_model
+from fedbat_flwr.training.parametrize import (
+    BinarizedUpdate,
+    attach_binarized_updates,
+    detach_binarized_updates,
+    original_name,
+)
+
+__all__ = [
+    "CNN4",
+    "MODEL_NAMES",
+    "BinarizedUpdate",
+    "FedBATConfig",
+    "FedBATResult",
+    "ResNet10",
+    "StochasticBinarize",
+    "TensorBatches",
+    "attach_binarized_updates",
+    "binarize",
+    "build_model",
+    "default_device",
+    "detach_binarized_updates",
+    "evaluate",
+    "input_memory_format",
+    "original_name",
+    "prepare_model",
+    "run_sgd",
+    "seed_everything",
+    "switch_step",
+    "train_fedbat",
+]

@@ -1,0 +1,154 @@
+"""Local training loop on a pre-tensorised partition: batches, SGD, evaluation, device helpers."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch so CPU runs repeat exactly."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TensorBatches:
+    """A client partition held as two tensors, cut into shuffled mini-batches each epoch.
+
+    ``x`` is float32 N x C x H x W, already normalised; ``y`` int64 labels. Indexing whole
+    tensors avoids a DataLoader's per-item work; ``generator`` (seeded by the caller) fixes the
+    order. The last partial batch is kept.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    batch_size: int
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x has {len(self.x)} examples but y has {len(self.y)}")
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.y)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_examples / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(self.num_examples, generator=self.generator).to(self.x.device)
+        for start in range(0, self.num_examples, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+    def to(
+        self, device: torch.device, memory_format: torch.memory_format = torch.preserve_format
+    ) -> TensorBatches:
+        """The same partition on ``device`` (and layout), converted once for all epochs."""
+        x = self.x.to(device)
+        if x.dim() == 4 and memory_format is not torch.preserve_format:
+            x = x.contiguous(memory_format=memory_format)
+        return TensorBatches(x, self.y.to(device), self.batch_size, self.generator)
+
+
+def input_memory_format(model: nn.Module) -> torch.memory_format:
+    """The layout inputs should have: channels_last when the model's conv weights are."""
+    for p in model.parameters():
+        if p.dim() == 4 and not p.is_contiguous():
+            if p.is_contiguous(memory_format=torch.channels_last):
+                return torch.channels_last
+    return torch.preserve_format
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move ``model`` to ``device``; on CPU store conv nets channels_last (~2x faster for CNN4).
+
+    ``run_sgd`` and ``evaluate`` then convert inputs to the same layout (see
+    ``input_memory_format``), once per partition or evaluation batch.
+    """
+    model = model.to(device)
+    is_conv_net = any(p.dim() == 4 for p in model.parameters())
+    if torch.device(device).type == "cpu" and is_conv_net:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def run_sgd(
+    model: nn.Module,
+    params: Iterable[torch.Tensor],
+    batches: TensorBatches,
+    *,
+    epochs: int,
+    lr: float,
+    device: torch.device,
+    on_step: Callable[[int], None] | None = None,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> tuple[int, float]:
+    """Plain SGD with cross-entropy on ``params`` for ``epochs`` passes over ``batches``.
+
+    ``on_step(s)`` runs before each step s = 0..tau-1 (FedBAT switches phase there). Returns
+    (steps, mean of the per-step batch losses); the loss is summed on device and read once.
+    """
+    # foreach: one C++ loop over the tensors instead of a Python loop (not the CPU default).
+    optimizer = torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True
+    )
+    batches = batches.to(device, input_memory_format(model))
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    step = 0
+    for _ in range(epochs):
+        for x, y in batches:
+            if on_step is not None:
+                on_step(step)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            step += 1
+    return step, float(loss_sum) / max(step, 1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 1024,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (eval mode) on ``x``, ``y``."""
+    model.eval()
+    memory_format = input_memory_format(model)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for start in range(0, len(y), batch_size):
+        xb = x[start : start + batch_size].to(device)
+        if xb.dim() == 4 and memory_format is not torch.preserve_format:
+            xb = xb.contiguous(memory_format=memory_format)
+        yb = y[start : start + batch_size].to(device)
+        logits = model(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+        correct += (logits.argmax(dim=1) == yb).sum()
+    n = max(len(y), 1)
+    return float(loss_sum) / n, int(correct) / n

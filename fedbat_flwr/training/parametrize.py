@@ -1,0 +1,152 @@
+"""Frozen base weight + learned (binarized) update, for any parameter of any model.
+
+``register_parametrization(module, name, BinarizedUpdate(w))`` turns ``module.<name>`` into
+``w + m`` (full-precision warm-up, paper Eq. 12) or ``w + S(m, alpha)`` (binarization-aware
+training, Eq. 14), where ``w`` is the frozen global weight kept by torch as
+``module.parametrizations.<name>.original`` and ``m``/``alpha_e`` live in this module.
+No layer classes are rewritten, so every architecture works unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from fedbat_flwr.training.binarize import binarize
+
+
+class BinarizedUpdate(nn.Module):
+    """The learnable update m of one tensor and its step size alpha = alpha' e^(rho alpha_e).
+
+    ``rho``, ``alpha_min``, ``alpha_max`` and ``binarizing`` are plain attributes (hyperparameters
+    and phase, not state to train or exchange); ``generator`` optionally drives the noise of S.
+    """
+
+    def __init__(
+        self,
+        like: torch.Tensor,
+        *,
+        rho: float,
+        alpha_min: float,
+        alpha_max: float,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.update = nn.Parameter(torch.zeros_like(like))
+        self.alpha_e = nn.Parameter(torch.zeros((), dtype=like.dtype, device=like.device))
+        self.register_buffer("alpha_init", torch.zeros((), dtype=like.dtype, device=like.device))
+        self.rho = float(rho)
+        self.alpha_min = float(alpha_min)
+        self.alpha_max = float(alpha_max)
+        self.binarizing = False
+        self.generator = generator
+        self.base_requires_grad = like.requires_grad  # restored on detach
+
+    def alpha(self) -> torch.Tensor:
+        """Eq. 10, clamped to [alpha_min, alpha_max] so alpha stays > 0 even when alpha' = 0."""
+        return torch.clamp(
+            self.alpha_init * torch.exp(self.rho * self.alpha_e), self.alpha_min, self.alpha_max
+        )
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.binarizing:
+            out = binarize(self.update, self.alpha(), self.generator, base=w)  # Eq. 14
+        else:
+            out = w + self.update  # Eq. 12
+        return _keep_strides(out, w)
+
+    @torch.no_grad()
+    def start_binarization(self) -> None:
+        """Eq. 13: alpha' = ||m||_1 / d from the warm-up update, alpha_e = 0; switch to S."""
+        self.alpha_init.copy_(self.update.abs().mean())
+        self.alpha_e.zero_()
+        self.binarizing = True
+
+    @torch.no_grad()
+    def final_bits(self) -> torch.Tensor:
+        """The update to send, as bits (True = +alpha): S(m, alpha) sampled once more.
+
+        Algorithm 1 sends the binarized update of the final m and alpha, so one fresh draw of S
+        from the trained m and final alpha is taken (deterministic where |m| > alpha).
+        """
+        return binarize(self.update, self.alpha(), self.generator) > 0
+
+    @torch.no_grad()
+    def final_alpha(self) -> float:
+        """The step size that scales the sent bits (Eq. 11)."""
+        return float(self.alpha())
+
+
+def _keep_strides(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Give ``out`` the strides of ``like`` (a zero-cost copy on the small tensors it hits).
+
+    Elementwise ops drop the channels_last hint of a conv weight with one input channel
+    (strides of size-1 dims are ambiguous); oneDNN would then run that conv, and the layers after
+    it, in the slower NCHW layout.
+    """
+    if out.stride() == like.stride():
+        return out
+    return torch.empty_like(like).copy_(out)
+
+
+def attach_binarized_updates(
+    model: nn.Module,
+    *,
+    rho: float,
+    alpha_min: float,
+    alpha_max: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, BinarizedUpdate]:
+    """Parametrize every floating-point parameter of ``model`` as ``w + update``.
+
+    Base weights are frozen (``requires_grad=False``). Returns the updates keyed by the
+    parameter's ``state_dict`` name before parametrization (e.g. ``"features.0.weight"``).
+    """
+    targets = [
+        (module_name, module, name, param)
+        for module_name, module in model.named_modules()
+        for name, param in module.named_parameters(recurse=False)
+        if param.is_floating_point()
+    ]
+    seen: set[int] = set()
+    layers: dict[str, BinarizedUpdate] = {}
+    for module_name, module, name, param in targets:
+        key = f"{module_name}.{name}" if module_name else name
+        if id(param) in seen:
+            raise ValueError(f"parameter {key!r} is shared with another module; not supported")
+        seen.add(id(param))
+        layer = BinarizedUpdate(
+            param, rho=rho, alpha_min=alpha_min, alpha_max=alpha_max, generator=generator
+        )
+        param.requires_grad_(False)
+        parametrize.register_parametrization(module, name, layer)
+        layers[key] = layer
+    return layers
+
+
+def detach_binarized_updates(model: nn.Module) -> None:
+    """Remove the updates again, restoring the original (unchanged) base weights."""
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        for name in list(module.parametrizations.keys()):
+            plist = module.parametrizations[name]
+            ours = [p for p in plist if isinstance(p, BinarizedUpdate)]
+            if not ours:
+                continue
+            original = plist.original
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+            original.requires_grad_(ours[0].base_requires_grad)
+
+
+def original_name(state_dict_key: str) -> str:
+    """Map a parametrized ``state_dict`` key back to the parameter's own name.
+
+    ``"features.0.parametrizations.weight.original"`` -> ``"features.0.weight"``; other keys are
+    returned unchanged.
+    """
+    parts = state_dict_key.split(".")
+    if len(parts) >= 3 and parts[-3] == "parametrizations" and parts[-1] == "original":
+        return ".".join([*parts[:-3], parts[-2]])
+    return state_dict_key

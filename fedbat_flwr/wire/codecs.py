@@ -1,0 +1,113 @@
+"""Payload kinds by name: the server's one door into the wire room.
+
+Each kind validates a payload against the server's `ModelSpec` and returns a `Decoded`, which
+the strategy either streams into a shared accumulator (`accumulate`) or expands into a dense
+update (`delta`). A new codec registers here with `register_codec`; the strategy never changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from fedbat_flwr.wire.errors import PayloadError
+from fedbat_flwr.wire.signs import SignsPayload, accumulate_signs, decode_signs, validate_signs
+from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec
+
+
+class Decoded(Protocol):
+    """A validated reply payload, decodable into an update of every spec tensor."""
+
+    def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
+        """In place `acc[name] += weight * update[name]`."""
+
+    def delta(self) -> dict[str, np.ndarray]:
+        """The dense update (in each tensor's domain, see `ModelSpec.apply`)."""
+
+
+Decoder = Callable[[Mapping[str, np.ndarray], ModelSpec, AlphaBounds], Decoded]
+_DECODERS: dict[str, Decoder] = {}
+
+
+def register_codec(kind: str, decoder: Decoder) -> None:
+    if kind in _DECODERS:
+        raise ValueError(f"payload kind {kind!r} is registered twice")
+    _DECODERS[kind] = decoder
+
+
+def payload_kinds() -> list[str]:
+    return sorted(_DECODERS)
+
+
+def decode_payload(
+    kind: str, payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
+) -> Decoded:
+    """Validate `payload` as `kind`; raises PayloadError naming the layer and field."""
+    try:
+        decoder = _DECODERS[kind]
+    except KeyError:
+        raise ValueError(f"payload kind {kind!r} is unknown; allowed: {payload_kinds()}") from None
+    return decoder(payload, spec, bounds)
+
+
+@dataclass(frozen=True)
+class SignsDecoded:
+    """1-bit payload: alpha * (±1) per tensor."""
+
+    view: SignsPayload
+    bounds: AlphaBounds
+
+    def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
+        accumulate_signs(acc, self.view, self.view.spec, self.bounds, weight)
+
+    def delta(self) -> dict[str, np.ndarray]:
+        return decode_signs(self.view, self.view.spec, self.bounds)
+
+
+def _decode_signs(
+    payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
+) -> SignsDecoded:
+    return SignsDecoded(validate_signs(payload, spec, bounds), bounds)
+
+
+@dataclass(frozen=True)
+class DenseWeights:
+    """Full float32 weights (FedAvg): validated, then averaged by Flower's own strategy."""
+
+    weights: dict[str, np.ndarray]
+
+    def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
+        for name, value in self.weights.items():
+            acc[name] += weight * value
+
+    def delta(self) -> dict[str, np.ndarray]:
+        return self.weights
+
+
+def validate_dense(
+    payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
+) -> DenseWeights:
+    """Every spec tensor, float32, of its shape, finite; nothing else."""
+    extra = sorted(set(payload) - set(spec.names))
+    if extra:
+        raise PayloadError(extra[0], "keys", f"unexpected tensor (expected only {len(spec)} spec tensors)")
+    weights: dict[str, np.ndarray] = {}
+    for t in spec:
+        if t.name not in payload:
+            raise PayloadError(t.name, "keys", "tensor is missing")
+        value = np.asarray(payload[t.name])
+        if value.dtype != np.float32:
+            raise PayloadError(t.name, "dtype", f"dtype {value.dtype} is not allowed (float32)")
+        if tuple(value.shape) != t.shape:
+            raise PayloadError(t.name, "shape", f"shape {value.shape} is not the expected {t.shape}")
+        if not np.isfinite(value).all():
+            raise PayloadError(t.name, "values", "non-finite values (allowed: finite float32)")
+        weights[t.name] = value
+    return DenseWeights(weights)
+
+
+register_codec("signs", _decode_signs)
+register_codec("dense", validate_dense)

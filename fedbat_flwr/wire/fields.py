@@ -1,0 +1,143 @@
+"""Checks every codec layout shares: field keys/dtypes/shapes, the versioned header, pad bits.
+
+A layout is data (a ``{key: (dtype, ndim)}`` table); these helpers turn a violation into a
+``PayloadError`` naming the field, the value found and what is allowed, so each codec's
+``validate_*`` reads as a list of its own rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, MutableMapping, Sequence
+
+import numpy as np
+
+from fedbat_flwr.wire.errors import PayloadError
+from fedbat_flwr.wire.spec import ModelSpec, TensorSpec
+
+MAGIC = b"FB"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+Layout = Mapping[str, tuple[np.dtype, int]]
+"""Field key -> (exact dtype, ndim)."""
+
+
+def make_header(codec_id: int, version: int, *extra: int) -> np.ndarray:
+    """``b"FB"``, codec id, layout version, then codec-specific bytes (e.g. bits per value)."""
+    return np.frombuffer(MAGIC + bytes([codec_id, version, *extra]), dtype=np.uint8).copy()
+
+
+def check_fields(payload: Mapping[str, np.ndarray], layout: Layout) -> None:
+    """Exactly the layout's keys, each a numpy array of its dtype and number of dimensions."""
+    if not isinstance(payload, Mapping):
+        raise PayloadError(None, "payload", f"type={type(payload).__name__} (allowed: mapping)")
+    allowed = ", ".join(layout)
+    for key in layout:
+        if key not in payload:
+            raise PayloadError(None, key, f"missing (required keys: {allowed})")
+    for key in payload:
+        if key not in layout:
+            raise PayloadError(None, str(key), f"unexpected key (allowed keys: {allowed})")
+    for key, (dtype, ndim) in layout.items():
+        value = payload[key]
+        if not isinstance(value, np.ndarray):
+            raise PayloadError(None, key, f"type={type(value).__name__} (allowed: numpy.ndarray)")
+        if value.dtype != dtype:
+            raise PayloadError(None, key, f"dtype={value.dtype} (allowed: {dtype})")
+        if value.ndim != ndim:
+            reason = f"ndim={value.ndim}, shape={value.shape} (allowed: {ndim}-D)"
+            raise PayloadError(None, key, reason)
+
+
+def check_header(
+    header: np.ndarray, codec_id: int, version: int, codec_name: str, length: int = 4
+) -> None:
+    """Length, magic, codec id and layout version of a header made by ``make_header``."""
+    if header.size != length:
+        raise PayloadError(None, "header", f"length={header.size} (allowed: {length})")
+    magic = header[:2].tobytes()
+    if magic != MAGIC:
+        raise PayloadError(None, "header", f"magic={magic!r} (allowed: {MAGIC!r})")
+    if int(header[2]) != codec_id:
+        reason = f"codec id={int(header[2])} (allowed: {codec_id} = {codec_name})"
+        raise PayloadError(None, "header", reason)
+    if int(header[3]) != version:
+        reason = f"layout version={int(header[3])} is not supported (supported: {version})"
+        raise PayloadError(None, "header", reason)
+
+
+def check_length(value: np.ndarray, expected: int, field: str, rule: str) -> None:
+    if value.size != expected:
+        raise PayloadError(None, field, f"length={value.size} (allowed: {expected} = {rule})")
+
+
+def check_pad_bits(
+    stream: np.ndarray, nbits: Sequence[int], names: Sequence[str], field: str
+) -> None:
+    """Each tensor's bits start on a byte; the unused top bits of its last byte must be 0.
+
+    ``nbits[i]`` is the number of bits tensor ``names[i]`` uses; ``stream`` holds the tensors'
+    ``ceil(nbits / 8)`` bytes back to back (little bit order, as ``np.packbits`` writes them).
+    """
+    sizes = np.asarray(nbits, dtype=np.int64)
+    ends = np.cumsum((sizes + 7) // 8)
+    partial = np.flatnonzero(sizes % 8)
+    used = sizes[partial] % 8
+    last = stream[ends[partial] - 1].astype(np.int64)
+    bad = np.flatnonzero(last & ((0xFF << used) & 0xFF))
+    if bad.size:
+        i, r = int(partial[bad[0]]), int(used[bad[0]])
+        reason = (
+            f"pad bits of last byte=0x{int(last[bad[0]]):02x} are not zero "
+            f"(allowed: {int(sizes[i])} bits use the low {r} bits, the top {8 - r} must be 0)"
+        )
+        raise PayloadError(names[i], field, reason)
+
+
+def read_only_copy(value: np.ndarray) -> np.ndarray:
+    """A private, read-only copy: the payload can change after validation without harm."""
+    out = value.copy()
+    out.flags.writeable = False
+    return out
+
+
+def split_by(stream: np.ndarray, lengths: Sequence[int]) -> list[np.ndarray]:
+    """``stream`` cut into consecutive pieces of ``lengths`` (which sum to its size)."""
+    return np.split(stream, np.cumsum(np.asarray(lengths, dtype=np.int64))[:-1]) if lengths else []
+
+
+def flat_target(acc: MutableMapping[str, np.ndarray], t: TensorSpec) -> np.ndarray:
+    """``acc[t.name]`` as a flat writable float32 view, or ValueError (a caller bug)."""
+    if t.name not in acc:
+        raise ValueError(f"acc: tensor {t.name!r} is missing")
+    a = acc[t.name]
+    usable = (
+        isinstance(a, np.ndarray)
+        and a.dtype == np.float32
+        and a.shape in (t.shape, (t.size,))
+        and a.flags.c_contiguous
+        and a.flags.writeable
+    )
+    if not usable:
+        found = f"{type(a).__name__} {getattr(a, 'dtype', '?')} {getattr(a, 'shape', '?')}"
+        raise ValueError(
+            f"acc[{t.name!r}] is {found} "
+            f"(allowed: writable C-contiguous float32 of shape {t.shape} or ({t.size},))"
+        )
+    return a.reshape(-1)
+
+
+def check_weight(weight: float) -> None:
+    if not math.isfinite(weight):
+        raise ValueError(f"weight={weight!r} is not finite (allowed: a finite float)")
+
+
+def check_names(given: Mapping[str, object], spec: ModelSpec, field: str) -> None:
+    """Encoder inputs name exactly the spec's tensors."""
+    for t in spec:
+        if t.name not in given:
+            raise PayloadError(t.name, field, f"missing (the spec has {len(spec)} tensors)")
+    expected = set(spec.names)
+    for name in given:
+        if name not in expected:
+            raise PayloadError(name, field, "unexpected tensor (allowed: the spec's tensors)")

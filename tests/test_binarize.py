@@ -1,0 +1,141 @@
+"""The binarization operator S(m, alpha) and the step size alpha against paper Eq. 6-10."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedbat_flwr.training import BinarizedUpdate, binarize
+
+ALPHA = 0.5
+DRAWS = 200_000
+
+
+def _mean_within_5_se(samples: torch.Tensor, m: float, alpha: float) -> bool:
+    """|mean - m| <= 5 standard errors, with Var[S] = alpha^2 - m^2 for S in {-alpha, alpha}."""
+    se = math.sqrt((alpha**2 - m**2) / samples.numel())
+    return abs(samples.double().mean().item() - m) <= 5 * se
+
+
+def _biased_binarize(m: torch.Tensor, alpha: float, generator: torch.Generator) -> torch.Tensor:
+    """A deliberately wrong S: P(+alpha) = (alpha + m) / (2 alpha) + 0.02."""
+    p = (alpha + m) / (2 * alpha) + 0.02
+    return torch.where(torch.rand(m.shape, generator=generator) < p, alpha, -alpha)
+
+
+@pytest.mark.parametrize("m", [-0.45, -0.2, 0.0, 0.1, 0.35])
+def test_unbiased_inside_interval(m: float) -> None:
+    """Eq. 7: E[S(m, alpha)] = m for m in [-alpha, alpha]; the check catches a 0.02 bias."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.full((DRAWS,), m)
+    assert _mean_within_5_se(binarize(x, ALPHA, gen), m, ALPHA)
+    assert not _mean_within_5_se(_biased_binarize(x, ALPHA, gen), m, ALPHA)
+
+
+def test_outputs_are_plus_minus_alpha() -> None:
+    """Eq. 6: every output is exactly +alpha or -alpha, whatever m."""
+    gen = torch.Generator().manual_seed(2)
+    m = torch.randn(10_000, generator=gen)
+    out = binarize(m, ALPHA, gen)
+    assert set(out.unique().tolist()) == {-ALPHA, ALPHA}
+
+
+def test_outside_interval_is_clipped() -> None:
+    """Eq. 6: m > alpha gives +alpha and m < -alpha gives -alpha, boundaries included, always."""
+    gen = torch.Generator().manual_seed(3)
+    above = torch.tensor([ALPHA, 0.5000001, 0.7, 3.0]).repeat(50_000)
+    below = -above
+    assert torch.all(binarize(above, ALPHA, gen) == ALPHA)
+    assert torch.all(binarize(below, ALPHA, gen) == -ALPHA)
+
+
+def test_bits_follow_eq7_floor_with_the_same_noise() -> None:
+    """Eq. 7: the bit is floor((alpha + m) / (2 alpha) + zeta) clipped to {0, 1} for the drawn zeta."""
+    m = torch.linspace(-0.9, 0.9, 1001)
+    out = binarize(m, ALPHA, torch.Generator().manual_seed(4))
+    zeta = torch.rand(m.shape, generator=torch.Generator().manual_seed(4))
+    expected = torch.floor((ALPHA + m.double()) / (2 * ALPHA) + zeta.double()) >= 1
+    assert torch.equal(out > 0, expected)
+
+
+def test_gradients_match_eq8_eq9_in_all_regions() -> None:
+    """Eq. 8-9 (straight-through): dS/dm and dS/dalpha on hand-built inputs, summed for alpha."""
+    m = torch.tensor([-1.2, -0.5, -0.3, 0.0, 0.2, 0.4, 0.5, 0.9], requires_grad=True)
+    alpha = torch.tensor(ALPHA, requires_grad=True)
+    upstream = torch.tensor([1.0, 2.0, -1.0, 0.5, 3.0, -2.0, 1.5, 4.0])
+    out = binarize(m, alpha, torch.Generator().manual_seed(5))
+    out.backward(upstream)
+
+    bits = (out > 0).double()  # the sampled b; outside it is forced: 0 below, 1 above
+    md = m.detach().double()
+    inside = (md.abs() <= ALPHA).double()
+    # Eq. 9 by cases: +1 above, -1 below, 2 b - (m + alpha) / alpha inside.
+    ds_dalpha = torch.where(
+        md > ALPHA,
+        1.0,
+        torch.where(md < -ALPHA, -1.0, 2 * bits - (md + ALPHA) / ALPHA),
+    )
+    assert torch.equal(bits[[0, 1]], torch.tensor([0.0, 0.0], dtype=torch.float64))
+    assert torch.equal(bits[[6, 7]], torch.tensor([1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(m.grad.double(), upstream.double() * inside)
+    torch.testing.assert_close(alpha.grad.double(), (upstream.double() * ds_dalpha).sum())
+
+
+def test_gradient_hand_computed_example() -> None:
+    """Eq. 8-9 on a spelled-out case: alpha = 0.5, m = (-1, 0, 1), bit inside forced via noise."""
+    m = torch.tensor([-1.0, 0.0, 1.0], requires_grad=True)
+    alpha = torch.tensor(ALPHA, requires_grad=True)
+    gen = torch.Generator().manual_seed(6)
+    out = binarize(m, alpha, gen)
+    out.sum().backward()
+    b = float(out[1] > 0)
+    # dS/dm: 0 outside, 1 inside. dS/dalpha: -1 + (2 b - (0 + 0.5) / 0.5) + 1 = 2 b - 1.
+    assert m.grad.tolist() == [0.0, 1.0, 0.0]
+    assert alpha.grad.item() == pytest.approx(2 * b - 1)
+
+
+def test_same_seed_same_bits_fresh_noise_each_call() -> None:
+    """Eq. 7 noise is reproducible under a seeded generator and fresh on every call."""
+    m = torch.empty(5000).uniform_(-ALPHA, ALPHA, generator=torch.Generator().manual_seed(0))
+    first = binarize(m, ALPHA, torch.Generator().manual_seed(7))
+    again = binarize(m, ALPHA, torch.Generator().manual_seed(7))
+    assert torch.equal(first, again)
+    gen = torch.Generator().manual_seed(7)
+    assert not torch.equal(binarize(m, ALPHA, gen), binarize(m, ALPHA, gen))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    alpha_init=st.floats(0.0, 1.0),
+    alpha_e=st.floats(-20.0, 20.0),
+    rho=st.floats(0.0, 10.0),
+)
+def test_step_size_eq10_positive_and_clamped(alpha_init: float, alpha_e: float, rho: float) -> None:
+    """Eq. 10: alpha = alpha' exp(rho alpha_e), clamped into [alpha_min, alpha_max] (so > 0)."""
+    layer = BinarizedUpdate(torch.zeros(3), rho=rho, alpha_min=5e-4, alpha_max=5e-2)
+    with torch.no_grad():
+        layer.alpha_init.fill_(alpha_init)
+        layer.alpha_e.fill_(alpha_e)
+    alpha = layer.alpha().item()
+    expected = min(max(alpha_init * math.exp(rho * alpha_e), 5e-4), 5e-2)
+    lo, hi = torch.tensor([5e-4, 5e-2]).tolist()  # the float32 bounds
+    assert 0 < lo <= alpha <= hi
+    assert alpha == pytest.approx(expected, rel=1e-5)
+
+
+def test_step_size_gradient_through_alpha_e() -> None:
+    """Eq. 10: d alpha / d alpha_e = rho alpha inside the clamp, 0 when clamped."""
+    layer = BinarizedUpdate(torch.zeros(3), rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
+    with torch.no_grad():
+        layer.alpha_init.fill_(0.01)
+    layer.alpha().backward()
+    assert layer.alpha_e.grad.item() == pytest.approx(6.0 * 0.01)
+    layer.alpha_e.grad = None
+    with torch.no_grad():
+        layer.alpha_e.fill_(1.0)  # 0.01 e^6 > alpha_max: clamped
+    layer.alpha().backward()
+    assert layer.alpha_e.grad.item() == 0.0
