@@ -77,7 +77,13 @@ def _ratio_record(name: str, value: float, goal: float, higher_is_better: bool) 
 
 
 def _time_record(name: str, seconds: float) -> dict:
-    return {"name": name, "value": round(seconds * 1e3, 2), "unit": "ms", "goal": None, "pass": True}
+    return {
+        "name": name,
+        "value": round(seconds * 1e3, 2),
+        "unit": "ms",
+        "goal": None,
+        "pass": True,
+    }
 
 
 def run() -> list[dict]:

@@ -69,7 +69,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     model = build_model_for(config)
     load_state(model, record_to_arrays(msg.content[ARRAYS_KEY]))
     model = prepare_model(model, device)
-    loss, accuracy = evaluate(model, data.x, data.y, batch_size=config.eval_batch_size, device=device)
+    loss, accuracy = evaluate(
+        model, data.x, data.y, batch_size=config.eval_batch_size, device=device
+    )
     metrics = MetricRecord({"eval-loss": loss, "eval-acc": accuracy, NUM_EXAMPLES_KEY: len(data)})
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 

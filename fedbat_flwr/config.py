@@ -151,7 +151,9 @@ def _check_range(
     if bad:
         left = "(" if lo_open else "["
         allowed = f"{left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        raise ConfigError(f"run-config '{_dash(key)}' = {value!r} is out of range; allowed: {allowed}")
+        raise ConfigError(
+            f"run-config '{_dash(key)}' = {value!r} is out of range; allowed: {allowed}"
+        )
 
 
 def _dash(key: str) -> str:

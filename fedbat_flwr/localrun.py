@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -200,10 +200,8 @@ def stop_process_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None
     pids = [proc.pid, *descendants(proc.pid)]
     _signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    try:
+    with suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
     while time.monotonic() < deadline and any(_alive(p) for p in pids[1:]):
         time.sleep(0.1)
     _signal_all([p for p in pids if _alive(p)], signal.SIGKILL)
@@ -212,10 +210,8 @@ def stop_process_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None
 
 def _signal_all(pids: list[int], sig: signal.Signals) -> None:
     for pid in pids:
-        try:
+        with suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _alive(pid: int) -> bool:

@@ -61,8 +61,9 @@ def _from_raw(key: str, arr: Array) -> np.ndarray:
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(arr.data) != expected:
         raise PayloadError(
-            key, "data", f"{len(arr.data)} bytes do not match shape {shape} of {dtype} "
-            f"(expected {expected})"
+            key,
+            "data",
+            f"{len(arr.data)} bytes do not match shape {shape} of {dtype} (expected {expected})",
         )
     return np.frombuffer(arr.data, dtype=dtype).reshape(shape)
 

@@ -436,6 +436,7 @@ def _plot(
         for j, part in enumerate(partitioners):
             members = {k: by_group[k] for k in keys if k.column == (n, part)}
             _panel(axes[i][j], (n, part), members, x, colours, labels)
+        axes[i][0].set_ylabel("test accuracy (%)")  # shared y: label the left column only
     handles, names = _legend_entries(axes)
     fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4))
     fig.suptitle(f"{title}: test accuracy vs {x.name} (mean over seeds)")
@@ -467,7 +468,6 @@ def _panel(
         ax.set_xscale("log")
     ax.set_title(column_label(column))
     ax.set_xlabel(x.label)
-    ax.set_ylabel("test accuracy (%)")
     ax.grid(True, alpha=0.3)
 
 

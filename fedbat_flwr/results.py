@@ -105,7 +105,7 @@ class RunRecorder:
         (self.run_dir / "metrics.jsonl").write_text("")
 
     def add_round(self, row: dict[str, Any]) -> None:
-        """Append one round's row (it must carry every METRIC_KEYS key) and print a progress line."""
+        """Append one round's row (every METRIC_KEYS key required); print a progress line."""
         missing = [k for k in METRIC_KEYS if k not in row]
         if missing:
             raise KeyError(f"metrics row lacks {missing}")

@@ -1,4 +1,4 @@
-"""Flower ServerApp: build model, strategy and recorder from the run config; start; write results."""
+"""Flower ServerApp: model, strategy and recorder from the run config; start; write results."""
 
 from __future__ import annotations
 
@@ -31,10 +31,13 @@ def main(grid: Grid, context: Context) -> None:
     spec = model_spec(model)
     initial = state_arrays(model)
 
-    run_name = config.run_name or default_run_name(config.method, config.dataset, config.partitioner)
+    run_name = config.run_name or default_run_name(
+        config.method, config.dataset, config.partitioner
+    )
     run_dir = Path(config.output_dir).resolve() / run_name
-    recorder = RunRecorder(run_dir, config.method, config.to_flower(), spec.num_params,
-                           config.num_server_rounds)
+    recorder = RunRecorder(
+        run_dir, config.method, config.to_flower(), spec.num_params, config.num_server_rounds
+    )
     log(INFO, "fedbat-flwr: %s on %s, results in %s", config.method, config.dataset, run_dir)
 
     strategy = build_strategy(

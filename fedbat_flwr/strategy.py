@@ -33,7 +33,7 @@ from flwr.serverapp.strategy import (
 )
 
 from .records import arrays_to_record, record_to_arrays, record_to_payload, wire_bytes
-from .wire import AlphaBounds, ModelSpec, PayloadError, decode_payload
+from .wire import SIGN_KINDS, AlphaBounds, ModelSpec, PayloadError, decode_payload, majority_vote
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -151,12 +151,16 @@ class UplinkMixin:
         total = float(sum(a.num_examples for a in accepted))
         for a in accepted:
             a.decoded.accumulate(acc, a.num_examples / total)  # type: ignore[union-attr]
+        if getattr(accepted[0].decoded, "absolute", False):  # weights (BiFL): the mean is the model
+            return arrays_to_record(acc)
         return arrays_to_record(self.spec.apply(self.global_arrays, acc))
 
     def _as_dense(self, a: Accepted) -> Message:
         """A reply Flower's strategies can average: the client's implied weights, capped weight."""
         if a.decoded is None:
             arrays = a.message.content[ARRAYS_KEY]
+        elif getattr(a.decoded, "absolute", False):
+            arrays = arrays_to_record(a.decoded.delta())  # type: ignore[union-attr]
         else:
             new = self.spec.apply(self.global_arrays, a.decoded.delta())  # type: ignore[union-attr]
             arrays = arrays_to_record(new)
@@ -230,14 +234,26 @@ def build_strategy(
     **strategy_kwargs: object,
 ) -> FedAvg:
     """`UplinkMixin` in front of the Flower strategy named by the run config's `aggregator`."""
+    if aggregator in SIGN_AGGREGATORS:
+        return SIGN_AGGREGATORS[aggregator](
+            spec=spec,
+            payload_kind=payload_kind,
+            bounds=bounds,
+            max_num_examples=max_num_examples,
+            **strategy_kwargs,
+        )
     try:
         base = AGGREGATORS[aggregator]
     except KeyError:
-        allowed = ", ".join(repr(a) for a in AGGREGATORS)
+        allowed = ", ".join(repr(a) for a in [*AGGREGATORS, *SIGN_AGGREGATORS])
         raise ValueError(
             f"run-config 'aggregator' = {aggregator!r} is unknown; allowed: {allowed}"
         ) from None
-    cls = FedBATStrategy if base is FedAvg else type(f"Uplink{base.__name__}", (UplinkMixin, base), {})
+    cls = (
+        FedBATStrategy
+        if base is FedAvg
+        else type(f"Uplink{base.__name__}", (UplinkMixin, base), {})
+    )
     return cls(
         spec=spec,
         payload_kind=payload_kind,
@@ -251,3 +267,30 @@ class FedBATStrategy(UplinkMixin, FedAvg):
     """Flower's FedAvg over decoded 1-bit replies: Eq. 11, streamed into one accumulator."""
 
     stream_mean = True
+
+
+class SignMajorityStrategy(UplinkMixin, FedAvg):
+    """Weighted majority vote over sign payloads (`aggregator = "majority"`, any sign method).
+
+    w <- w (+) alpha_l * sign(sum_k n_k sign_k), alpha_l the example-weighted mean alpha, ties
+    leave a coordinate unchanged (`wire.votes.majority_vote`, vectorised).
+    """
+
+    stream_mean = True
+
+    def __init__(self, *, payload_kind: str, **kwargs: object) -> None:
+        if payload_kind not in SIGN_KINDS:
+            raise ValueError(
+                f"run-config 'aggregator' = 'majority' needs a sign payload; method payload kind "
+                f"{payload_kind!r} is not one of {SIGN_KINDS}"
+            )
+        super().__init__(payload_kind=payload_kind, **kwargs)  # type: ignore[arg-type]
+
+    def _stream_mean(self, accepted: list[Accepted]) -> ArrayRecord:
+        views = [a.decoded.view for a in accepted]  # type: ignore[union-attr]
+        delta = majority_vote(self.spec, views, [a.num_examples for a in accepted])
+        return arrays_to_record(self.spec.apply(self.global_arrays, delta))
+
+
+# Aggregators that only exist for sign payloads (robust sign aggregation, issue 6).
+SIGN_AGGREGATORS: dict[str, type[FedAvg]] = {"majority": SignMajorityStrategy}

@@ -18,22 +18,29 @@ of partitions. Every cell runs through ONE SuperLink owned by the sweep (stopped
 on errors and on Ctrl-C). Cells write `<DIR>/runs/<run-name>/` (the results contract plus
 `log.txt`); a cell whose summary.json is complete and whose config matches is skipped, any other
 existing run dir is deleted and the cell rerun, so an interrupted sweep resumes where it stopped.
+An output folder inside the app folder must be git-ignored: `flwr run` packs every other
+*.json/*.jsonl/*.md there into each run's app bundle (the sweep refuses to run otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
+import functools
+import io
 import itertools
 import json
+import os
 import re
 import shutil
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +50,7 @@ import yaml
 
 from .config import ConfigError, RunConfig
 from .localrun import APP_DIR, LocalSuperLink
-from .report import GroupKey, RunResult, load_run, write_report
+from .report import GroupKey, load_run, write_report
 
 try:
     import tomllib
@@ -104,6 +111,11 @@ def app_config_defaults(app_dir: Path = APP_DIR) -> dict[str, Any]:
     Flower silently drops `--run-config` keys its pyproject does not list, so that table is the
     authority; RunConfig's fields fill in if the package is installed without its pyproject.
     """
+    return dict(_app_config_defaults(app_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _app_config_defaults(app_dir: Path) -> dict[str, Any]:
     defaults = {
         f.name.replace("_", "-"): f.default
         for f in dataclasses.fields(RunConfig)
@@ -411,7 +423,7 @@ class Progress:
 
 
 def _mmss(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     return f"{minutes:02d}:{secs:02d}"
 
 
@@ -441,8 +453,47 @@ def owned_superlink(out: TextIO = sys.stdout) -> Iterator[LocalSuperLink]:
         yield link
     finally:
         link.stop()
+        stragglers = stop_leftovers(link.home)
         if link.process is not None:
-            print(f"SuperLink pid {link.process.pid} stopped", file=out, flush=True)
+            note = f" (and {len(stragglers)} stray processes)" if stragglers else ""
+            print(f"SuperLink pid {link.process.pid} stopped{note}", file=out, flush=True)
+
+
+def stop_leftovers(home: Path, grace: float = 5.0) -> list[int]:
+    """Stop, by PID, processes still running under this SuperLink's Flower home.
+
+    Stopping the SuperLink's process tree can miss children that were being spawned at that
+    moment (seen with Ray's agents on Ctrl-C during simulation start-up; they end up adopted by
+    init). They inherited FLWR_HOME=<home>, a folder unique to this sweep, which identifies them.
+    """
+    pids = processes_under(home)
+    _signal(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and processes_under(home):
+        time.sleep(0.1)
+    _signal(processes_under(home), signal.SIGKILL)  # re-listed: never signal a reused PID
+    return pids
+
+
+def _signal(pids: Sequence[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def processes_under(home: Path) -> list[int]:
+    """Living processes (not zombies) whose environment has FLWR_HOME=<home> (Linux /proc)."""
+    marker = f"\0FLWR_HOME={home}\0".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = b"\0" + (entry / "environ").read_bytes()
+            zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            continue
+        if marker in environ and not zombie and int(entry.name) != os.getpid():
+            found.append(int(entry.name))
+    return found
 
 
 def run_cell(link: LocalSuperLink, cell: Cell, runs_dir: Path, progress: Progress) -> bool:
@@ -499,7 +550,13 @@ def run_suite(
     if dry_run:
         return 0
     failed: list[str] = []
-    if todo and not report_only:
+    if report_only:
+        todo = []
+    for cell in cells:
+        if status[cell.run_name] == "done":
+            print(f"cell {cell.index}/{len(cells)} {cell.run_name} skipped (complete)", file=out)
+    if todo:
+        _check_outside_fab(out_dir)
         with _sweep_lock(out_dir):
             failed = _run_cells(cells, todo, runs_dir, fail_fast, out)
     written = write_tables(suite, cells, out_dir)
@@ -547,6 +604,39 @@ def _print_plan(
             f"  {cell.index:>3} [{status[cell.run_name]:<11}] {cell.run_name}  {params}", file=out
         )
     out.flush()
+
+
+def fab_would_include(out_dir: Path, app_dir: Path = APP_DIR) -> bool:
+    """True if `flwr run` would pack this folder's results into every run's app bundle (FAB).
+
+    `flwr run <app>` zips every *.json, *.jsonl, *.md, *.yaml under the app folder that
+    .gitignore does not exclude; results written there would make each cell's FAB bigger (and
+    different, so installed anew) than the last, until it passes Flower's 10 MB limit.
+    """
+    try:
+        relative = out_dir.resolve().relative_to(app_dir.resolve())
+    except ValueError:
+        return False
+    probe = (relative / "runs" / "cell" / "summary.json").as_posix()
+    files: dict[str, bytes | Path] = {"pyproject.toml": app_dir / "pyproject.toml", probe: b"{}"}
+    if (app_dir / ".gitignore").exists():
+        files[".gitignore"] = app_dir / ".gitignore"
+    try:
+        from flwr.cli.build import build_fab_from_files
+
+        fab, _ = build_fab_from_files(files)
+    except Exception:  # Flower's rules changed or refused the probe: cannot tell, do not block
+        return False
+    return probe in zipfile.ZipFile(io.BytesIO(fab)).namelist()
+
+
+def _check_outside_fab(out_dir: Path) -> None:
+    if fab_would_include(out_dir):
+        raise SuiteError(
+            f"output folder {out_dir} is inside the app folder and not git-ignored, so Flower "
+            "would pack its results into every run's FAB; add it to .gitignore or pass --output "
+            "outside the app folder"
+        )
 
 
 @contextmanager

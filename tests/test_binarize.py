@@ -54,7 +54,7 @@ def test_outside_interval_is_clipped() -> None:
 
 
 def test_bits_follow_eq7_floor_with_the_same_noise() -> None:
-    """Eq. 7: the bit is floor((alpha + m) / (2 alpha) + zeta) clipped to {0, 1} for the drawn zeta."""
+    """Eq. 7: bit = floor((alpha + m) / (2 alpha) + zeta), clipped to {0, 1}, for the drawn zeta."""
     m = torch.linspace(-0.9, 0.9, 1001)
     out = binarize(m, ALPHA, torch.Generator().manual_seed(4))
     zeta = torch.rand(m.shape, generator=torch.Generator().manual_seed(4))
@@ -125,6 +125,33 @@ def test_step_size_eq10_positive_and_clamped(alpha_init: float, alpha_e: float, 
     lo, hi = torch.tensor([5e-4, 5e-2]).tolist()  # the float32 bounds
     assert 0 < lo <= alpha <= hi
     assert alpha == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha_e", [0.05, 2.0])  # inside the clamp, clamped at alpha_max
+def test_parametrization_node_matches_operator(alpha_e: float) -> None:
+    """Eq. 8-10, 14: the parametrization's fused node gives the weight and gradients of
+    w + S(m, alpha()) built from alpha() and StochasticBinarize."""
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(400, generator=gen)
+    upstream = torch.randn(400, generator=gen)
+    layer = BinarizedUpdate(w, rho=6.0, alpha_min=1e-4, alpha_max=0.2, generator=gen)
+    with torch.no_grad():
+        layer.update.uniform_(-0.1, 0.1, generator=gen)
+        layer.start_binarization()
+        layer.alpha_e.fill_(alpha_e)
+    state = gen.get_state()
+    grads = []
+    for fused in (True, False):
+        gen.set_state(state)
+        out = layer(w) if fused else w + binarize(layer.update, layer.alpha(), gen)
+        out.backward(upstream)
+        grads.append((out.detach(), layer.update.grad, layer.alpha_e.grad))
+        layer.update.grad = layer.alpha_e.grad = None
+    (out_f, gm_f, ge_f), (out_u, gm_u, ge_u) = grads
+    assert torch.equal(out_f, out_u)
+    assert torch.equal(gm_f, gm_u)
+    torch.testing.assert_close(ge_f, ge_u)
+    assert (ge_f.item() == 0.0) == (alpha_e == 2.0)
 
 
 def test_step_size_gradient_through_alpha_e() -> None:

@@ -60,6 +60,14 @@ class Method(ABC):
     def train(self, task: LocalTask) -> ClientUpdate:
         """Run one client round and encode the result."""
 
+    @classmethod
+    def aggregator(cls, config: RunConfig) -> str:
+        """The server's aggregation rule for this method: the run config's `aggregator`.
+
+        A method may map a key of its own onto it (signsgd: `sign-aggregation = "majority"`).
+        """
+        return config.aggregator
+
 
 _REGISTRY: dict[str, type[Method]] = {}
 

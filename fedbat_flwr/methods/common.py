@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-import numpy as np
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
 
+import numpy as np
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..config import ConfigError, RunConfig
 from ..task import state_arrays
+from ..training import run_sgd
+from ..wire import encode_signs, encode_sparse
 from .base import LocalTask
+
+T = TypeVar("T")
 
 
 def local_delta(task: LocalTask) -> dict[str, np.ndarray]:
@@ -28,3 +40,73 @@ def stat_signs(task: LocalTask) -> tuple[dict[str, np.ndarray], dict[str, float]
             bits[tensor.name] = d >= 0
             alphas[tensor.name] = float(np.abs(d).mean()) if d.size else 0.0
     return bits, alphas
+
+
+def train_plain(task: LocalTask) -> float:
+    """Plain local SGD on every trainable parameter (FedAvg's client step); the mean loss."""
+    params = [p for p in task.model.parameters() if p.requires_grad]
+    _, loss = run_sgd(
+        task.model,
+        params,
+        task.batches,
+        epochs=task.config.local_epochs,
+        lr=task.config.lr,
+        device=task.device,
+    )
+    return loss
+
+
+def encode_param_signs(
+    task: LocalTask, bits: dict[str, np.ndarray], alphas: dict[str, float]
+) -> dict[str, np.ndarray]:
+    """A 1-bit payload: the method's bits + alphas for parameters, `stat_signs` for statistics."""
+    stat_bits, stat_alphas = stat_signs(task)
+    return encode_signs(task.spec, {**bits, **stat_bits}, {**alphas, **stat_alphas})
+
+
+def encode_top_k(task: LocalTask, delta: dict[str, np.ndarray], density: float) -> dict:
+    """Sparse payload: per parameter tensor the ceil(density * d) largest |delta| entries (at
+    least one); BatchNorm statistics whole (a 3% sample of them would leave them stale)."""
+    positions: dict[str, np.ndarray] = {}
+    values: dict[str, np.ndarray] = {}
+    for t in task.spec:
+        m = delta[t.name].reshape(-1)
+        keep = density if t.kind == "param" else 1.0
+        positions[t.name] = top_k_positions(m, math.ceil(round(keep * m.size, 9)))
+        values[t.name] = m[positions[t.name]]
+    return encode_sparse(task.spec, positions, values)
+
+
+def top_k_positions(m: np.ndarray, k: int) -> np.ndarray:
+    """Sorted flat positions of the ``k`` largest |m| entries (at least one, at most all)."""
+    k = min(max(k, 1), m.size)
+    if k == m.size:
+        return np.arange(m.size)
+    return np.sort(np.argpartition(-np.abs(m), k - 1)[:k])
+
+
+@contextmanager
+def parametrized_weights(model: nn.Module, make: Callable[[], nn.Module]) -> Iterator[None]:
+    """Inside the block every conv / linear weight (a >= 2-D parameter) is seen through
+    ``make()`` (`torch.nn.utils.parametrize`); afterwards the plain latent weights are back."""
+    targets = [
+        (module, name)
+        for module in model.modules()
+        for name, param in module.named_parameters(recurse=False)
+        if param.dim() >= 2
+    ]
+    for module, name in targets:
+        parametrize.register_parametrization(module, name, make())
+    try:
+        yield
+    finally:
+        for module, name in targets:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+
+
+def option(config: RunConfig, key: str, default: T, ok: Callable[[T], bool], allowed: str) -> T:
+    """A method-specific run-config key (`RunConfig.extra`), checked once, naming key and value."""
+    value = config.get(key, default)
+    if not ok(value):
+        raise ConfigError(f"run-config '{key}' = {value!r} is not allowed; allowed: {allowed}")
+    return value

@@ -11,7 +11,7 @@ from fedbat_flwr.training.loop import (
     run_sgd,
     seed_everything,
 )
-from fedbat_flwr.training.models import MODEL_NAMES, CNN4, ResNet10, build_model
+from fedbat_flwr.training.models import CNN4, MODEL_NAMES, ResNet10, build_model
 from fedbat_flwr.training.parametrize import (
     BinarizedUpdate,
     attach_binarized_updates,

@@ -21,12 +21,27 @@ import torch
 from torch.autograd.function import FunctionCtx
 
 
-class StochasticBinarize(torch.autograd.Function):
-    """``base + S(m, alpha)`` (``base`` optional) with straight-through gradients (Eq. 6-9).
+def sample_binarized(
+    m: torch.Tensor, alpha: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Draw S(m, alpha) (Eq. 6-7); no autograd. ``alpha`` is a 0-dim tensor > 0."""
+    # zeta - 1/2 in one pass: uniform_(-0.5, 0.5) consumes the generator exactly like rand_like.
+    r = torch.empty_like(m).uniform_(-0.5, 0.5, generator=generator)
+    return torch.copysign(alpha, r.addcdiv_(m, 2 * alpha), out=r)
 
-    ``alpha`` is a 0-dim tensor shared by all elements of ``m``; ``base`` (the frozen weight of a
-    parametrization) is folded in to save one pass over the tensor.
-    """
+
+def straight_through_grads(
+    grad: torch.Tensor, m: torch.Tensor, alpha: torch.Tensor, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of sum(grad * S) for m (Eq. 8) and for the shared alpha (Eq. 9, summed)."""
+    grad_m = torch.abs(m, out=torch.empty_like(m))
+    grad_m = torch.le(grad_m, alpha, out=grad_m).mul_(grad)  # 1.0 inside [-alpha, alpha]
+    grad_alpha = (grad * s).addcmul_(grad_m, m, value=-1).sum() / alpha
+    return grad_m, grad_alpha
+
+
+class StochasticBinarize(torch.autograd.Function):
+    """S(m, alpha) with straight-through gradients for m and the 0-dim step size alpha."""
 
     @staticmethod
     def forward(
@@ -34,37 +49,26 @@ class StochasticBinarize(torch.autograd.Function):
         m: torch.Tensor,
         alpha: torch.Tensor,
         generator: torch.Generator | None = None,
-        base: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # zeta - 1/2 drawn in one pass: uniform_(-0.5, 0.5) consumes the generator like rand.
-        r = torch.empty_like(m).uniform_(-0.5, 0.5, generator=generator)
-        s = torch.copysign(alpha, r.addcdiv_(m, 2 * alpha), out=r)
+        s = sample_binarized(m, alpha, generator)
         ctx.save_for_backward(m, alpha, s)
-        return s if base is None else base + s
+        return s
 
     @staticmethod
     def backward(
         ctx: FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         m, alpha, s = ctx.saved_tensors
-        grad_m = torch.abs(m, out=torch.empty_like(m))
-        grad_m = torch.le(grad_m, alpha, out=grad_m).mul_(grad)  # Eq. 8: 1 inside, 0 outside
-        grad_alpha = None
-        if ctx.needs_input_grad[1]:  # Eq. 9 summed over the elements sharing alpha
-            grad_alpha = (grad * s).addcmul_(grad_m, m, value=-1).sum() / alpha
-        grad_base = grad if ctx.needs_input_grad[3] else None
-        return grad_m, grad_alpha, None, grad_base
+        grad_m, grad_alpha = straight_through_grads(grad, m, alpha, s)
+        return grad_m, grad_alpha if ctx.needs_input_grad[1] else None, None
 
 
 def binarize(
-    m: torch.Tensor,
-    alpha: torch.Tensor | float,
-    generator: torch.Generator | None = None,
-    base: torch.Tensor | None = None,
+    m: torch.Tensor, alpha: torch.Tensor | float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Sample ``S(m, alpha)`` (plus ``base`` if given); differentiable in m and alpha (Eq. 6-9).
+    """Sample S(m, alpha) (values in {-alpha, +alpha}); differentiable in m and alpha (Eq. 6-9).
 
     ``generator`` makes the draw reproducible; every call draws fresh noise.
     """
     alpha_t = torch.as_tensor(alpha, dtype=m.dtype, device=m.device)
-    return StochasticBinarize.apply(m, alpha_t, generator, base)
+    return StochasticBinarize.apply(m, alpha_t, generator)

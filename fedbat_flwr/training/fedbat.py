@@ -15,7 +15,7 @@ from fedbat_flwr.training.parametrize import attach_binarized_updates, detach_bi
 
 @dataclass
 class FedBATConfig:
-    """Local hyperparameters (paper Sec. 5.1 defaults: 10 epochs, batch 64, lr 0.1, rho 6, phi 0.5)."""
+    """Local hyperparameters; defaults are the paper's (Sec. 5.1: 10 epochs, batch 64, lr 0.1)."""
 
     epochs: int = 10
     batch_size: int = 64
@@ -82,7 +82,11 @@ def train_fedbat(
     model = prepare_model(model, device)
     noise = torch.Generator(device=device).manual_seed(seed)
     layers = attach_binarized_updates(
-        model, rho=config.rho, alpha_min=config.alpha_min, alpha_max=config.alpha_max, generator=noise
+        model,
+        rho=config.rho,
+        alpha_min=config.alpha_min,
+        alpha_max=config.alpha_max,
+        generator=noise,
     )
     tau = config.epochs * len(batches)
     switch = switch_step(config.phi, tau)
@@ -95,7 +99,13 @@ def train_fedbat(
     params = [p for layer in layers.values() for p in (layer.update, layer.alpha_e)]
     try:
         steps, train_loss = run_sgd(
-            model, params, batches, epochs=config.epochs, lr=config.lr, device=device, on_step=on_step
+            model,
+            params,
+            batches,
+            epochs=config.epochs,
+            lr=config.lr,
+            device=device,
+            on_step=on_step,
         )
         if switch >= steps:  # phi = 1: no binarized step ran
             on_step(switch)

@@ -71,9 +71,9 @@ class TensorBatches:
 def input_memory_format(model: nn.Module) -> torch.memory_format:
     """The layout inputs should have: channels_last when the model's conv weights are."""
     for p in model.parameters():
-        if p.dim() == 4 and not p.is_contiguous():
-            if p.is_contiguous(memory_format=torch.channels_last):
-                return torch.channels_last
+        is_nhwc = p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+        if is_nhwc and not p.is_contiguous():
+            return torch.channels_last
     return torch.preserve_format
 
 

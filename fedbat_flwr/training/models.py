@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -29,7 +30,7 @@ class CNN4(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         widths = (in_channels, 32, 64, 128, 256)
-        for in_ch, out_ch in zip(widths[:-1], widths[1:], strict=True):
+        for in_ch, out_ch in itertools.pairwise(widths):
             layers += [*_conv_bn(in_ch, out_ch, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*layers)
         side = image_size // 16
@@ -52,7 +53,9 @@ class BasicBlock(nn.Module):
         )
         needs_projection = stride != 1 or in_ch != out_ch
         self.shortcut = (
-            nn.Sequential(*_conv_bn(in_ch, out_ch, 1, stride)) if needs_projection else nn.Identity()
+            nn.Sequential(*_conv_bn(in_ch, out_ch, 1, stride))
+            if needs_projection
+            else nn.Identity()
         )
         self.relu = nn.ReLU(inplace=True)
 

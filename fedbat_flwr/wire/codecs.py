@@ -8,24 +8,36 @@ update (`delta`). A new codec registers here with `register_codec`; the strategy
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import ClassVar, Protocol
 
 import numpy as np
 
+from fedbat_flwr.wire.binary import BinaryWeightsDecoded, validate_binary_weights
 from fedbat_flwr.wire.errors import PayloadError
+from fedbat_flwr.wire.fields import FLOAT32_MAX
+from fedbat_flwr.wire.kbit import KbitDecoded, validate_kbit
 from fedbat_flwr.wire.signs import SignsPayload, accumulate_signs, decode_signs, validate_signs
+from fedbat_flwr.wire.sparse import SparseDecoded, validate_sparse
 from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec
 
 
 class Decoded(Protocol):
-    """A validated reply payload, decodable into an update of every spec tensor."""
+    """A validated reply payload, decodable into an update of every spec tensor.
+
+    ``absolute`` is False for updates (the server applies the mean as ``w (+) mean``) and True
+    for payloads that carry the client's weights themselves (dense FedAvg, BiFL): the weighted
+    mean of those *is* the new model, and ``delta()`` returns the weights.
+    """
+
+    absolute: bool
 
     def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
         """In place `acc[name] += weight * update[name]`."""
 
     def delta(self) -> dict[str, np.ndarray]:
-        """The dense update (in each tensor's domain, see `ModelSpec.apply`)."""
+        """The dense update (in each tensor's domain, see `ModelSpec.apply`); if absolute, the
+        weights."""
 
 
 Decoder = Callable[[Mapping[str, np.ndarray], ModelSpec, AlphaBounds], Decoded]
@@ -59,6 +71,7 @@ class SignsDecoded:
 
     view: SignsPayload
     bounds: AlphaBounds
+    absolute: ClassVar[bool] = False
 
     def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
         accumulate_signs(acc, self.view, self.view.spec, self.bounds, weight)
@@ -78,6 +91,7 @@ class DenseWeights:
     """Full float32 weights (FedAvg): validated, then averaged by Flower's own strategy."""
 
     weights: dict[str, np.ndarray]
+    absolute: ClassVar[bool] = True
 
     def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
         for name, value in self.weights.items():
@@ -93,7 +107,9 @@ def validate_dense(
     """Every spec tensor, float32, of its shape, finite; nothing else."""
     extra = sorted(set(payload) - set(spec.names))
     if extra:
-        raise PayloadError(extra[0], "keys", f"unexpected tensor (expected only {len(spec)} spec tensors)")
+        raise PayloadError(
+            extra[0], "keys", f"unexpected tensor (expected only {len(spec)} spec tensors)"
+        )
     weights: dict[str, np.ndarray] = {}
     for t in spec:
         if t.name not in payload:
@@ -102,12 +118,36 @@ def validate_dense(
         if value.dtype != np.float32:
             raise PayloadError(t.name, "dtype", f"dtype {value.dtype} is not allowed (float32)")
         if tuple(value.shape) != t.shape:
-            raise PayloadError(t.name, "shape", f"shape {value.shape} is not the expected {t.shape}")
+            raise PayloadError(
+                t.name, "shape", f"shape {value.shape} is not the expected {t.shape}"
+            )
         if not np.isfinite(value).all():
             raise PayloadError(t.name, "values", "non-finite values (allowed: finite float32)")
         weights[t.name] = value
     return DenseWeights(weights)
 
 
+def _decode_signs_unbounded(
+    payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
+) -> SignsDecoded:
+    """Signs whose parameter alpha comes from a rule (fixed, or ||p||_1/d), not FedBAT's clamp.
+
+    The run's [alpha-min, alpha-max] bounds FedBAT's learned alpha only; here a parameter alpha
+    must be finite and >= 0 (BatchNorm statistics keep the run's stat bounds).
+    """
+    return _decode_signs(payload, spec, replace(bounds, param=(0.0, FLOAT32_MAX)))
+
+
+# Kinds whose Decoded is a SignsDecoded (sign bits + one alpha per tensor): what sign votes need.
+SIGN_KINDS = ("signs", "signs-unbounded")
+
 register_codec("signs", _decode_signs)
+register_codec("signs-unbounded", _decode_signs_unbounded)
 register_codec("dense", validate_dense)
+# Their own validation covers every field; the run's alpha bounds only concern sign payloads.
+register_codec("kbit", lambda payload, spec, _: KbitDecoded(validate_kbit(payload, spec)))
+register_codec("sparse", lambda payload, spec, _: SparseDecoded(validate_sparse(payload, spec)))
+register_codec(
+    "binary-weights",
+    lambda payload, spec, _: BinaryWeightsDecoded(validate_binary_weights(payload, spec)),
+)

@@ -24,6 +24,7 @@ FedBiF downlink) packs the same way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -73,11 +74,14 @@ def pack_uint(values: np.ndarray, bits: int) -> np.ndarray:
     if v.size and (not np.issubdtype(v.dtype, np.integer) or v.min() < 0 or v.max() >> bits):
         bad = v[(v < 0) | (v >= 1 << bits)] if np.issubdtype(v.dtype, np.integer) else v
         raise ValueError(f"value={bad[0]!r} does not fit in {bits} bits (allowed: integers)")
-    v = v.astype(np.uint8)
-    if bits == 8:
-        return v.copy()
-    stream = np.unpackbits(v[:, None], axis=1, count=bits, bitorder="little")
-    return np.packbits(stream.reshape(-1), bitorder="little")
+    group_bytes, per_group = _group(bits)
+    codes = np.zeros(-(-v.size // per_group) * per_group, np.uint64)
+    codes[: v.size] = v
+    shifts = (bits * np.arange(per_group)).astype(np.uint64)
+    words = np.bitwise_or.reduce(codes.reshape(-1, per_group) << shifts, axis=1)
+    byte_shifts = (8 * np.arange(group_bytes)).astype(np.uint64)
+    stream = ((words[:, None] >> byte_shifts) & np.uint64(0xFF)).astype(np.uint8)
+    return stream.reshape(-1)[: packed_nbytes(v.size, bits)]
 
 
 def unpack_uint(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -85,10 +89,20 @@ def unpack_uint(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     _check_bits(bits)
     if packed.size != packed_nbytes(count, bits):
         raise ValueError(f"{packed.size} bytes cannot hold exactly {count} x {bits}-bit values")
-    if bits == 8:
-        return packed.astype(np.uint8, copy=True)
-    stream = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
-    return np.packbits(stream, axis=1, bitorder="little").reshape(count)
+    group_bytes, per_group = _group(bits)
+    stream = np.zeros(-(-count // per_group) * group_bytes, np.uint64)
+    stream[: packed.size] = packed
+    byte_shifts = (8 * np.arange(group_bytes)).astype(np.uint64)
+    words = np.bitwise_or.reduce(stream.reshape(-1, group_bytes) << byte_shifts, axis=1)
+    shifts = (bits * np.arange(per_group)).astype(np.uint64)
+    codes = (words[:, None] >> shifts) & np.uint64((1 << bits) - 1)
+    return codes.astype(np.uint8).reshape(-1)[:count]
+
+
+def _group(bits: int) -> tuple[int, int]:
+    """(bytes, values) of the smallest whole-byte group of ``bits``-bit values: lcm(bits, 8)."""
+    g = math.gcd(bits, 8)
+    return bits // g, 8 // g
 
 
 def _check_bits(bits: int) -> None:
@@ -198,9 +212,7 @@ def validate_kbit(payload: Mapping[str, np.ndarray], spec: ModelSpec) -> KbitPay
     return KbitPayload(spec, bits, packed, read_only_copy(scales))
 
 
-def accumulate_kbit(
-    acc: MutableMapping[str, np.ndarray], view: KbitPayload, weight: float
-) -> None:
+def accumulate_kbit(acc: MutableMapping[str, np.ndarray], view: KbitPayload, weight: float) -> None:
     """In place ``acc[name] += weight * q`` per tensor: one table gather per tensor."""
     check_weight(weight)
     targets = [flat_target(acc, t) for t in view.spec]

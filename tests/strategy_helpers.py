@@ -1,0 +1,48 @@
+"""Hand-built Flower replies for strategy tests (no runtime needed)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app.error import Error
+from flwr.app.metadata import Metadata
+
+from fedbat_flwr.records import payload_to_record
+from fedbat_flwr.wire import ModelSpec, encode_signs
+
+
+def reply(
+    node: int, arrays: ArrayRecord | None, num_examples: object = 10, **metrics: float
+) -> Message:
+    """A train reply from `node` carrying `arrays` and `num-examples`."""
+    content = RecordDict()
+    if arrays is not None:
+        content["arrays"] = arrays
+    content["metrics"] = MetricRecord({"num-examples": num_examples, **metrics})  # type: ignore[dict-item]
+    return Message(content=content, metadata=_metadata(node))
+
+
+def error_reply(node: int, reason: str = "ClientApp raised") -> Message:
+    return Message(error=Error(code=1, reason=reason), metadata=_metadata(node))
+
+
+def _metadata(node: int) -> Metadata:
+    return Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
+
+
+def signs_record(spec: ModelSpec, rng: np.random.Generator, alpha: float = 0.01) -> ArrayRecord:
+    """A valid 1-bit payload with random signs and the same alpha everywhere."""
+    bits = {t.name: rng.random(t.shape) < 0.5 for t in spec}
+    return payload_to_record(encode_signs(spec, bits, dict.fromkeys(spec.names, alpha)))

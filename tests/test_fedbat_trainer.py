@@ -1,0 +1,417 @@
+"""The FedBAT local trainer (Algorithm 1, client side), parametrizations, models and the loop."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import itertools
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fedbat_flwr.training.fedbat as fedbat_module
+from fedbat_flwr.training import (
+    CNN4,
+    BinarizedUpdate,
+    FedBATConfig,
+    ResNet10,
+    TensorBatches,
+    attach_binarized_updates,
+    build_model,
+    detach_binarized_updates,
+    original_name,
+    prepare_model,
+    run_sgd,
+    train_fedbat,
+)
+
+CPU = torch.device("cpu")
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: the 2 shared cores make OpenMP barriers stall under others' load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fmnist_subset(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First ``n`` Fashion-MNIST training examples from the Debian IDX files, normalised."""
+    images, labels = FMNIST / "train-images-idx3-ubyte.gz", FMNIST / "train-labels-idx1-ubyte.gz"
+    if not images.exists():
+        pytest.skip(f"{images} not installed")
+    with gzip.open(images) as f:
+        x = np.frombuffer(f.read(16 + n * 784), dtype=np.uint8, offset=16).reshape(n, 1, 28, 28)
+    with gzip.open(labels) as f:
+        y = np.frombuffer(f.read(8 + n), dtype=np.uint8, offset=8)
+    x_t = (torch.from_numpy(x.astype(np.float32)) / 255.0 - 0.2860) / 0.3530
+    return x_t, torch.from_numpy(y.astype(np.int64))
+
+
+def _tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _tiny_batches(n: int = 70, batch_size: int = 10, seed: int = 0) -> TensorBatches:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=gen)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return TensorBatches(x, y, batch_size, generator=torch.Generator().manual_seed(seed))
+
+
+def _in_bounds(alpha: float, config: FedBATConfig) -> bool:
+    lo, hi = torch.tensor([config.alpha_min, config.alpha_max]).tolist()  # float32 bounds
+    return lo <= alpha <= hi
+
+
+def _layers_of(model: nn.Module) -> list[BinarizedUpdate]:
+    return [m for m in model.modules() if isinstance(m, BinarizedUpdate)]
+
+
+def _record_run_sgd(monkeypatch: pytest.MonkeyPatch, probe: Callable[[int, nn.Module], None]):
+    """Wrap the trainer's run_sgd so ``probe(step, model)`` runs right after its on_step hook."""
+    real = fedbat_module.run_sgd
+
+    def wrapped(model, params, batches, *, on_step, **kwargs):
+        def hooked(step: int) -> None:
+            on_step(step)
+            probe(step, model)
+
+        return real(model, params, batches, on_step=hooked, **kwargs)
+
+    monkeypatch.setattr(fedbat_module, "run_sgd", wrapped)
+
+
+# --- Algorithm 1: the switch from full-precision to binarization-aware training ---------------
+
+
+@pytest.mark.parametrize(
+    ("phi", "epochs", "n", "expected"),
+    [
+        (0.0, 1, 70, 0),
+        (0.5, 2, 70, 7),
+        (1.0, 1, 70, 7),
+        (0.5, 1, 70, 3),  # floor(3.5)
+        (0.58, 5, 100, 29),  # 0.58 * 50 = 28.999999999999996 in floats
+    ],
+)
+def test_switch_happens_at_floor_phi_tau(
+    monkeypatch: pytest.MonkeyPatch, phi: float, epochs: int, n: int, expected: int
+) -> None:
+    """Algorithm 1 lines 14-20: steps s < floor(phi tau) full precision, binarized from there."""
+    binarizing: list[bool] = []
+    _record_run_sgd(monkeypatch, lambda s, m: binarizing.append(_layers_of(m)[0].binarizing))
+    config = FedBATConfig(epochs=epochs, batch_size=10, phi=phi)
+    result = train_fedbat(_tiny_model(), _tiny_batches(n), config, device=CPU, seed=0)
+    tau = epochs * n // 10
+    assert result.steps == tau == len(binarizing)
+    assert result.switch_step == expected
+    assert binarizing == [s >= expected for s in range(tau)]
+
+
+def test_phi_one_still_returns_one_bit_update() -> None:
+    """phi = 1: no binarized step runs, alpha' = mean|m| is set after the last step (Eq. 13)."""
+    model = _tiny_model()
+    config = FedBATConfig(epochs=1, batch_size=10, phi=1.0)
+    result = train_fedbat(model, _tiny_batches(), config, device=CPU, seed=0)
+    assert result.switch_step == result.steps == 7
+    assert all(_in_bounds(a, config) for a in result.alphas.values())
+    assert all(b.dtype == np.bool_ for b in result.bits.values())
+
+
+def test_phi_zero_starts_at_alpha_min(monkeypatch: pytest.MonkeyPatch) -> None:
+    """phi = 0: m = 0 at the switch, so alpha' = 0 (Eq. 13) and the clamp gives alpha_min."""
+    seen: list[tuple[float, float]] = []
+    _record_run_sgd(
+        monkeypatch,
+        lambda s, m: seen.append(
+            (_layers_of(m)[0].alpha_init.item(), _layers_of(m)[0].alpha().item())
+        ),
+    )
+    config = FedBATConfig(epochs=1, batch_size=10, phi=0.0)
+    train_fedbat(_tiny_model(), _tiny_batches(), config, device=CPU, seed=0)
+    assert seen[0] == (0.0, pytest.approx(config.alpha_min))
+
+
+def test_alpha_init_is_mean_abs_update_at_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eq. 13: at s = floor(phi tau) each layer gets alpha' = ||m||_1 / d and alpha_e = 0."""
+    checked: list[str] = []
+
+    def probe(step: int, model: nn.Module) -> None:
+        if step != 3:
+            return
+        for layer in _layers_of(model):
+            assert layer.update.abs().mean().item() > 0  # warm-up moved the update
+            assert layer.alpha_init.item() == pytest.approx(layer.update.abs().mean().item())
+            assert layer.alpha_e.item() == 0.0
+            checked.append("ok")
+
+    _record_run_sgd(monkeypatch, probe)
+    config = FedBATConfig(epochs=1, batch_size=10, phi=0.5)  # tau = 7 -> switch at 3
+    train_fedbat(_tiny_model(), _tiny_batches(), config, device=CPU, seed=0)
+    assert len(checked) == 6  # every parameter of the tiny model
+
+
+def test_rho_zero_keeps_alpha_at_alpha_init(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eq. 10 with rho = 0: alpha = alpha' (clamped) however alpha_e is trained."""
+    initial: dict[int, float] = {}
+
+    def probe(step: int, model: nn.Module) -> None:
+        if step == 3:
+            initial.update({i: la.alpha_init.item() for i, la in enumerate(_layers_of(model))})
+
+    _record_run_sgd(monkeypatch, probe)
+    config = FedBATConfig(epochs=1, batch_size=10, phi=0.5, rho=0.0)
+    result = train_fedbat(_tiny_model(), _tiny_batches(), config, device=CPU, seed=0)
+    for i, alpha in enumerate(result.alphas.values()):
+        clamped = min(max(initial[i], config.alpha_min), config.alpha_max)
+        assert alpha == pytest.approx(clamped, rel=1e-6)
+
+
+def test_rho_positive_learns_alpha() -> None:
+    """Eq. 9-10: alpha_e gets gradients through S, so with rho > 0 some alpha moves off alpha'."""
+    model = _tiny_model()
+    layers = attach_binarized_updates(model, rho=6.0, alpha_min=1e-6, alpha_max=1.0)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.update.uniform_(-0.05, 0.05)
+            layer.start_binarization()
+    before = {k: la.final_alpha() for k, la in layers.items()}
+    params = [p for la in layers.values() for p in (la.update, la.alpha_e)]
+    run_sgd(model, params, _tiny_batches(), epochs=2, lr=0.1, device=CPU)
+    assert any(layers[k].final_alpha() != pytest.approx(v) for k, v in before.items())
+    detach_binarized_updates(model)
+
+
+# --- what is sent: bits + alpha describe exactly w + S(m, alpha) ----------------------------
+
+
+def test_final_bits_and_alpha_are_the_parametrized_weight() -> None:
+    """Eq. 11/14: the weight the model uses in binarized mode is w + alpha (2 bits - 1)."""
+    layer_module = nn.Linear(6, 4)
+    w = layer_module.weight.detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    layers = attach_binarized_updates(
+        layer_module, rho=6.0, alpha_min=5e-4, alpha_max=5e-2, generator=gen
+    )
+    layer = layers["weight"]
+    update = torch.linspace(-0.04, 0.04, 24).reshape(4, 6)
+    with torch.no_grad():
+        layer.update.copy_(update)
+        layer.start_binarization()
+    state = gen.get_state()
+    used = layer_module.weight.detach().clone()
+    gen.set_state(state)
+    bits = layer.final_bits()
+    alpha = layer.final_alpha()
+    assert alpha == pytest.approx(update.abs().mean().item())  # Eq. 13, rho alpha_e = 0
+    torch.testing.assert_close(used, w + alpha * (2 * bits.float() - 1), rtol=0, atol=0)
+
+
+def test_result_bits_cover_every_parameter_and_weights_are_restored() -> None:
+    """Algorithm 1 line 23-24: 1 bit per parameter entry + 1 alpha per tensor; w is unchanged."""
+    model = _tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    config = FedBATConfig(epochs=2, batch_size=10)
+    result = train_fedbat(model, _tiny_batches(), config, device=CPU, seed=0)
+    params = dict(model.named_parameters())
+    assert list(result.bits) == list(params) == list(result.alphas)
+    for name, p in params.items():
+        assert result.bits[name].shape == tuple(p.shape)
+        assert result.bits[name].dtype == np.bool_
+        assert p.requires_grad
+        torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0)
+    assert result.num_examples == 70
+    assert all(_in_bounds(a, config) for a in result.alphas.values())
+    # BN running statistics are the caller's business: they stay as trained.
+    assert not torch.equal(model[1].running_mean, before["1.running_mean"])
+
+
+def test_real_fmnist_binarized_update_reduces_loss() -> None:
+    """Eq. 5/14: on real Fashion-MNIST, w + alpha sign(m) has a lower loss than w (CNN4)."""
+    x, y = _fmnist_subset(512)
+    torch.manual_seed(0)
+    model = prepare_model(CNN4(), CPU)
+    batches = TensorBatches(x, y, 64, generator=torch.Generator().manual_seed(0))
+    config = FedBATConfig(epochs=2, batch_size=64)  # tau = 16, switch at step 8
+
+    def loss_and_accuracy(m: nn.Module) -> tuple[float, float]:
+        # BN in batch-statistics mode on a copy: compares the parameters only (the running
+        # statistics of a freshly initialised model are not yet meaningful).
+        probe = copy.deepcopy(m).train()
+        with torch.no_grad():
+            logits = probe(x.contiguous(memory_format=torch.channels_last))
+        loss = nn.functional.cross_entropy(logits, y).item()
+        return loss, (logits.argmax(1) == y).float().mean().item()
+
+    before, _ = loss_and_accuracy(model)
+    result = train_fedbat(model, batches, config, device=CPU, seed=0)
+    assert math.isfinite(result.train_loss) and result.steps == 16
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            sign = torch.from_numpy(result.bits[name]).float() * 2 - 1
+            p.add_(result.alphas[name] * sign)
+    after, accuracy = loss_and_accuracy(model)
+    assert after < 0.8 * before, (before, after)
+    assert accuracy > 0.3
+
+
+def test_same_seed_same_result() -> None:
+    """CPU determinism: same weights, batch order and seed give identical bits and alphas."""
+    results = []
+    for _ in range(2):
+        config = FedBATConfig(epochs=2, batch_size=10)
+        results.append(train_fedbat(_tiny_model(), _tiny_batches(), config, device=CPU, seed=5))
+    first, second = results
+    assert first.alphas == second.alphas
+    assert all(np.array_equal(first.bits[k], second.bits[k]) for k in first.bits)
+    other = train_fedbat(
+        _tiny_model(), _tiny_batches(), FedBATConfig(epochs=2, batch_size=10), device=CPU, seed=6
+    )
+    assert any(not np.array_equal(first.bits[k], other.bits[k]) for k in first.bits)
+
+
+# --- parametrization: attach/detach -------------------------------------------------------------
+
+
+def test_attach_detach_restores_exact_weights_and_names() -> None:
+    """Eq. 4: the update lives beside w; removing it gives back w itself (same tensors)."""
+    model = prepare_model(CNN4(), CPU)
+    names = list(model.state_dict())
+    params_before = dict(model.named_parameters())
+    values_before = {k: v.detach().clone() for k, v in params_before.items()}
+    layers = attach_binarized_updates(model, rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
+    assert list(layers) == list(params_before)
+    assert all(not p.requires_grad for k, p in model.named_parameters() if k.endswith(".original"))
+    originals = {original_name(k) for k in model.state_dict() if k.endswith(".original")}
+    assert originals == set(params_before)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.update.normal_()
+    model(torch.randn(2, 1, 28, 28))
+    detach_binarized_updates(model)
+    assert list(model.state_dict()) == names
+    assert type(model.features[0]) is nn.Conv2d
+    for k, p in model.named_parameters():
+        assert p is params_before[k]
+        assert p.requires_grad
+        torch.testing.assert_close(p.detach(), values_before[k], rtol=0, atol=0)
+
+
+def test_warmup_forward_is_w_plus_update() -> None:
+    """Eq. 12: before binarization the parametrized weight is w + m (full precision)."""
+    lin = nn.Linear(3, 2)
+    w = lin.weight.detach().clone()
+    layers = attach_binarized_updates(lin, rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
+    with torch.no_grad():
+        layers["weight"].update.fill_(0.25)
+    torch.testing.assert_close(lin.weight, w + 0.25)
+
+
+def test_original_name() -> None:
+    """state_dict names of parametrized tensors map back to the parameter names."""
+    assert original_name("features.0.parametrizations.weight.original") == "features.0.weight"
+    assert original_name("parametrizations.bias.original") == "bias"
+    assert original_name("features.1.running_mean") == "features.1.running_mean"
+
+
+# --- models (Table 4) -----------------------------------------------------------------------------
+
+
+def _weight_count(model: nn.Module) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear))
+
+
+def test_cnn4_shapes_and_counts() -> None:
+    """Table 4: CNN for FMNIST (Linear(256, 10)) and SVHN (Linear(1024, 10))."""
+    fmnist = CNN4(in_channels=1, num_classes=10, image_size=28)
+    assert _weight_count(fmnist) == 389_920
+    assert fmnist.classifier.in_features == 256
+    assert fmnist(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    svhn = build_model("cnn4", in_channels=3, num_classes=10, image_size=32)
+    assert svhn.classifier.in_features == 1024
+    assert _weight_count(svhn) == 3 * 32 * 9 + 32 * 64 * 9 + 64 * 128 * 9 + 128 * 256 * 9 + 10240
+    assert svhn(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("widths", [(32, 64, 128, 256), (64, 128, 256, 512)])
+def test_resnet10_shapes_and_counts(widths: tuple[int, int, int, int]) -> None:
+    """Table 4: stem conv, four BasicBlocks (1x1 projection when the shape changes), Linear."""
+    model = build_model(
+        "resnet10", in_channels=3, num_classes=100, image_size=32, resnet_widths=widths
+    )
+    w0 = widths[0]
+    expected = 3 * w0 * 9 + 2 * w0 * w0 * 9  # stem + identity block
+    for cin, cout in itertools.pairwise(widths):
+        expected += cin * cout * 9 + cout * cout * 9 + cin * cout  # two 3x3 + 1x1 shortcut
+    expected += widths[-1] * 100
+    assert _weight_count(model) == expected
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert bn == 1 + 2 * 4 + 3
+
+
+def test_models_init_and_errors() -> None:
+    """Authors' init: conv/linear weights N(0, 0.01); unknown names are rejected by name."""
+    torch.manual_seed(0)
+    model = ResNet10()
+    std = model.blocks[3].body[3].weight.std().item()
+    assert std == pytest.approx(0.01, rel=0.05)
+    assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear))
+    with pytest.raises(ValueError, match=r"'vgg'.*cnn4, resnet10"):
+        build_model("vgg", in_channels=3, num_classes=10, image_size=32)
+
+
+# --- config and loop ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("phi", 1.5),
+        ("rho", -1.0),
+        ("alpha_min", 0.0),
+        ("alpha_max", 1e-5),
+        ("lr", 0.0),
+        ("epochs", 0),
+    ],
+)
+def test_config_validation_names_field(field: str, value: float) -> None:
+    """Invalid hyperparameters fail early with the field, value and allowed range."""
+    with pytest.raises(ValueError, match=rf"{field}={value!r}.*allowed"):
+        FedBATConfig(**{field: value})
+
+
+def test_tensor_batches_keep_partial_batch_and_shuffle_by_seed() -> None:
+    """Mini-batches: ceil(N / B) per epoch, last partial batch kept, order fixed by the seed."""
+    batches = _tiny_batches(n=25, batch_size=10, seed=3)
+    sizes = [len(yb) for _, yb in batches]
+    assert len(batches) == 3 and sizes == [10, 10, 5] and batches.num_examples == 25
+    order = [torch.cat([xb[:, 0] for xb, _ in _tiny_batches(25, 10, seed=3)]) for _ in range(2)]
+    assert torch.equal(order[0], order[1])
+    assert sorted(order[0].tolist()) == sorted(batches.x[:, 0].tolist())
+
+
+def test_run_sgd_calls_on_step_before_each_step() -> None:
+    """run_sgd: on_step(s) for s = 0..tau-1, tau = epochs x batches; returns (tau, mean loss)."""
+    model = _tiny_model()
+    seen: list[int] = []
+    steps, loss = run_sgd(
+        model,
+        model.parameters(),
+        _tiny_batches(),
+        epochs=2,
+        lr=0.1,
+        device=CPU,
+        on_step=seen.append,
+    )
+    assert steps == 14 and seen == list(range(14)) and math.isfinite(loss)

@@ -1,0 +1,105 @@
+"""Every registered method, run the way the ClientApp runs it, decodes the way the server does.
+
+CNN4 on 64 real Fashion-MNIST examples (one local epoch = one batch): the client side is built
+as in `client_app.train`, the reply travels as an ArrayRecord, and the server side validates it
+with the strategy's codec and bounds (as `server_app` builds them) and applies it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedbat_flwr.config import RunConfig
+from fedbat_flwr.data import DataUnavailableError, load_partition
+from fedbat_flwr.methods import LocalTask, get_method, method_names
+from fedbat_flwr.records import (
+    arrays_to_record,
+    payload_to_record,
+    record_to_arrays,
+    record_to_payload,
+)
+from fedbat_flwr.task import (
+    build_model_for,
+    client_seed,
+    data_config,
+    load_state,
+    model_spec,
+    state_arrays,
+)
+from fedbat_flwr.training import TensorBatches, evaluate, prepare_model
+from fedbat_flwr.wire import AlphaBounds, decode_payload
+
+NUM_PARTITIONS = 10
+PARTITION = 3
+
+
+@pytest.fixture(scope="module")
+def partition():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared 2-core machine: one intra-op thread is faster for CNN4
+    config = RunConfig(max_examples_per_client=64)
+    try:
+        yield load_partition(data_config(config, NUM_PARTITIONS), PARTITION)
+    except DataUnavailableError as exc:
+        pytest.skip(f"Fashion-MNIST not available: {exc}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_method_round_trip_on_cnn4(name: str, partition) -> None:
+    config = RunConfig(method=name, max_examples_per_client=64, local_epochs=1)
+    server_round = 1
+    initial = build_model_for(config)
+    global_record = arrays_to_record(state_arrays(initial))  # what the ServerApp sends
+
+    # Client side, as client_app.train builds it.
+    method = get_method(config.method)(config)
+    seed = client_seed(config, server_round, PARTITION)
+    device = torch.device("cpu")
+    model = build_model_for(config)
+    global_state = record_to_arrays(global_record)
+    load_state(model, global_state)
+    model = prepare_model(model, device)
+    task = LocalTask(
+        model=model,
+        global_state=global_state,
+        spec=model_spec(model),
+        batches=TensorBatches(
+            partition.x, partition.y, config.batch_size, torch.Generator().manual_seed(seed)
+        ),
+        config=config,
+        device=device,
+        seed=seed,
+        server_round=server_round,
+        state={},
+    )
+    update = method.train(task)
+    assert update.num_examples == 64
+    assert all(np.isfinite(v) for v in update.metrics.values())
+    pack = arrays_to_record if method.payload_kind == "dense" else payload_to_record
+    record = pack(update.payload)
+    if task.state:  # client memory survives the ClientApp's context.state round trip
+        restored = record_to_arrays(arrays_to_record(task.state))
+        assert set(restored) == set(task.state)
+
+    # Server side, as UplinkMixin._accept + _stream_mean / _as_dense do it.
+    spec = model_spec(build_model_for(config))
+    bounds = AlphaBounds(
+        param=(config.alpha_min, config.alpha_max), stat=(0.0, config.stat_alpha_max)
+    )
+    decoded = decode_payload(method.payload_kind, record_to_payload(record), spec, bounds)
+    server_global = record_to_arrays(global_record)
+    new = decoded.delta() if decoded.absolute else spec.apply(server_global, decoded.delta())
+    assert set(new) == set(spec.names)
+    for tensor_name, value in new.items():
+        assert value.shape == spec[tensor_name].shape
+        assert np.isfinite(value).all(), tensor_name
+    assert any(not np.array_equal(new[k], server_global[k]) for k in new)  # the model moved
+
+    evaluator = build_model_for(config)
+    load_state(evaluator, new)
+    loss, accuracy = evaluate(evaluator, partition.x, partition.y, device=device)
+    assert np.isfinite(loss) and 0.0 <= accuracy <= 1.0

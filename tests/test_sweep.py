@@ -1,0 +1,396 @@
+"""fedbat-sweep: suite validation, cells and resume status, tables and plots, and one real sweep.
+
+Everything but the last tests runs on synthetic run dirs written through the results contract
+(`RunRecorder`), so it is fast and needs no Flower. The `e2e` tests run conf/smoke.yaml through
+Flower's simulation engine with a SuperLink the sweep owns, then check that it is gone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedbat_flwr import report, sweep
+from fedbat_flwr.localrun import APP_DIR
+from fedbat_flwr.results import RunRecorder
+from fedbat_flwr.sweep import Suite, SuiteError, expand, load_suite
+
+METHODS = ["fedavg", "fedbat"]
+# Methods the paper presets name; some may still be landing in fedbat_flwr/methods/.
+PLANNED = ["fedavg", "fedbat", "signsgd", "ef-signsgd", "noisy-signsgd", "stoc-signsgd", "topk"]
+REQUIRED_CSV = (
+    "method",
+    "partitioner",
+    "num_clients",
+    "final_accuracy_mean",
+    "final_accuracy_std",
+    "best_accuracy_mean",
+    "uplink_mb",
+    "num_seeds",
+    "rounds",
+    "downlink_mb",
+    "final_mean_last5",
+)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(path.read_text().splitlines()))
+
+
+def write_suite(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "suite.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+VALID = """
+name: t
+base: {num-server-rounds: 3, partitioner: shard}
+grid: {method: [fedavg, fedbat], num-clients: [4, 8], seed: [0, 1]}
+"""
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: t\ngrids: {}\n", "unknown suite key(s) ['grids']"),
+        ("grid: {num-clients: [2]}\n", "suite 'name'"),
+        ("name: 'a b'\ngrid: {num-clients: [2]}\n", "suite 'name'"),
+        ("name: t\nbase: {lrr: 0.1, num-clients: 2}\n", "unknown run-config key 'lrr' in base"),
+        ("name: t\ngrid: {num-clients: [2], epochs: [1]}\n", "unknown run-config key 'epochs'"),
+        ("name: t\nbase: {num-clients: 2, output-dir: x}\n", "'output-dir' is set by the sweep"),
+        ("name: t\ngrid: {num-clients: [2], seed: 0}\n", "grid 'seed' must be a non-empty list"),
+        ("name: t\ngrid: {num-clients: [2], seed: [0, 0]}\n", "grid 'seed' lists a value twice"),
+        ("name: t\nbase: {num-clients: 2, local-epochs: ten}\n", "base 'local-epochs' = 'ten'"),
+        ("name: t\nbase: {num-clients: 2, lr: -1}\n", "'lr' = -1.0 is out of range"),
+        ("name: t\nbase: {num-clients: 2, partitioner: x}\n", "'partitioner' = 'x'"),
+        ("name: t\nbase: {num-clients: 2, method: nope}\n", "unknown method(s) ['nope']"),
+        ("name: t\nbase: {seed: 1}\n", "'num-clients' (simulated SuperNodes) is required"),
+        ("name: t\ngrid: {num-clients: [0]}\n", "'num-clients' = 0 must be >= 1"),
+        ("name: t\nclients-per-round: 5\ngrid: {num-clients: [3]}\n", "exceeds 'num-clients'"),
+        (
+            "name: t\nclients-per-round: 2\nbase: {num-clients: 3, fraction-train: 0.5}\n",
+            "keep one",
+        ),
+        ("name: t\nbase: {num-clients: 2}\nlabels: [a]\n", "suite 'labels'"),
+        ("name: t\nbase: {num-clients: 2}\npaper: {fedavg: {x: {}}}\n", "expected an integer N"),
+        ("name: t\nbase: {num-clients: 2}\npaper: {fedavg: {3: {iid: 92}}}\n", "[mean, std]"),
+        ("name: t\nbase: {num-clients: 2\n", "not valid YAML"),
+        ("- a\n- b\n", "must be a mapping"),
+    ],
+)
+def test_invalid_suites_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(SuiteError) as info:
+        load_suite(write_suite(tmp_path, text), known_methods=METHODS)
+    assert message in str(info.value)
+
+
+def test_unknown_key_error_lists_allowed_keys(tmp_path: Path) -> None:
+    with pytest.raises(SuiteError, match="allowed: num-clients, aggregator, alpha-max") as info:
+        load_suite(write_suite(tmp_path, "name: t\nbase: {lrr: 1}\n"), known_methods=METHODS)
+    assert "local-epochs" in str(info.value)
+
+
+def test_yaml_exponent_strings_become_floats(tmp_path: Path) -> None:
+    """PyYAML reads `5e-4` as a string; a float key takes it as the number it means."""
+    suite = load_suite(
+        write_suite(tmp_path, "name: t\nbase: {num-clients: 2, alpha-min: 5e-4, lr: 1}\n"),
+        known_methods=METHODS,
+    )
+    assert suite.base["alpha-min"] == 5e-4
+    assert suite.base["lr"] == 1.0 and isinstance(suite.base["lr"], float)
+
+
+def test_missing_suite_file_is_a_suite_error(tmp_path: Path) -> None:
+    with pytest.raises(SuiteError, match="cannot read suite file"):
+        load_suite(tmp_path / "nope.yaml")
+
+
+def test_cli_reports_suite_errors_with_exit_code_2(tmp_path: Path, capsys) -> None:
+    path = write_suite(tmp_path, "name: t\nbase: {lrr: 1}\n")
+    assert sweep.main([str(path), "--dry-run"]) == 2
+    assert "unknown run-config key 'lrr'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((APP_DIR / "conf").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_are_valid(path: Path) -> None:
+    from fedbat_flwr.methods import method_names
+
+    suite = load_suite(path, known_methods=sorted(set(method_names()) | set(PLANNED)))
+    methods = {c.run_config["method"] for c in expand(suite)}
+    assert methods <= set(PLANNED), "presets may only name methods that exist or are planned"
+    if path.name.startswith("paper-"):
+        cells = expand(suite)
+        assert len(cells) == 7 * 3 * 2 * 5
+        assert {c.run_config["local-epochs"] for c in cells} == {10}
+        assert {c.run_config["min-train-nodes"] for c in cells} == {10}
+        assert set(suite.paper) == {*PLANNED, "zerofl"} - {"topk"}
+
+
+def test_paper_numbers_match_table_1() -> None:
+    """A few spot checks against the paper's Table 1 (FMNIST row FedBAT, CIFAR-100 FedAvg)."""
+    fmnist = load_suite(APP_DIR / "conf/paper-fmnist.yaml", known_methods=PLANNED)
+    assert fmnist.paper["fedbat"][100]["shard"] == (89.0, 0.4)
+    assert fmnist.paper["signsgd"][30]["dirichlet"] == (86.5, 1.0)
+    cifar100 = load_suite(APP_DIR / "conf/paper-cifar100.yaml", known_methods=PLANNED)
+    assert cifar100.paper["fedavg"][100]["iid"] == (59.2, 0.3)
+    assert cifar100.base["dirichlet-alpha"] == 0.1 and cifar100.base["labels-per-client"] == 10
+
+
+# --- cells ----------------------------------------------------------------------------------
+
+
+def test_cells_have_deterministic_names_seeds_outermost(tmp_path: Path) -> None:
+    cells = expand(load_suite(write_suite(tmp_path, VALID), known_methods=METHODS))
+    names = [c.run_name for c in cells]
+    assert names[:4] == ["fedavg-shard-n4-s0", "fedavg-shard-n8-s0", "fedbat-shard-n4-s0",
+                         "fedbat-shard-n8-s0"]  # fmt: skip
+    assert names[4:] == [n.replace("-s0", "-s1") for n in names[:4]]
+    assert [c.index for c in cells] == list(range(1, 9))
+    assert cells[1].num_clients == 8 and "num-clients" not in cells[1].run_config
+    assert cells[0].run_config["num-server-rounds"] == 3
+
+
+def test_extra_grid_keys_join_name_and_group(tmp_path: Path) -> None:
+    text = "name: t\nbase: {num-clients: 2}\ngrid: {lr: [0.1, 0.05], model: [cnn4]}\n"
+    cells = expand(load_suite(write_suite(tmp_path, text), known_methods=METHODS))
+    assert [c.run_name for c in cells] == ["fedbat-iid-n2-s42-lr0.1", "fedbat-iid-n2-s42-lr0.05"]
+    assert cells[1].key.extras == (("lr", 0.05),)  # single-valued keys are not extras
+
+
+@pytest.mark.parametrize("num_clients", [10, 30, 47, 100, 300, 999])
+def test_clients_per_round_samples_exactly_k(num_clients: int) -> None:
+    """Flower samples max(int(connected * fraction-train), min-train-nodes) SuperNodes."""
+    suite = Suite(name="t", base={"num-clients": num_clients}, grid={}, clients_per_round=10)
+    config = expand(suite)[0].run_config
+    sampled = max(int(num_clients * config["fraction-train"]), config["min-train-nodes"])
+    assert sampled == 10
+
+
+def fake_run(
+    run_dir: Path,
+    accuracies: list[float | None],
+    *,
+    method: str = "fedbat",
+    uplink: int = 1000,
+    config: dict | None = None,
+    finish: bool = True,
+) -> None:
+    """A run dir written through the results contract, as the ServerApp writes it."""
+    recorder = RunRecorder(run_dir, method, config or {}, num_params=10, num_rounds=len(accuracies))
+    for i, acc in enumerate(accuracies, 1):
+        row = {
+            "round": i, "method": method, "test_accuracy": acc, "test_loss": 1.0,
+            "uplink_bytes": uplink, "uplink_bits_per_param": 1.0, "downlink_bytes": 2 * uplink,
+            "downlink_bits_per_param": 32.0, "num_replies": 2, "num_rejected": 0,
+            "round_seconds": 0.1,
+        }  # fmt: skip
+        recorder.add_round(row)
+    if finish:
+        recorder.finish({"w": np.zeros(3, np.float32)})
+
+
+def test_cell_status_pending_interrupted_done_stale(tmp_path: Path) -> None:
+    cell = expand(Suite(name="t", base={"num-clients": 2, "num-server-rounds": 3}, grid={}))[0]
+    runs = tmp_path / "runs"
+    assert sweep.cell_status(cell, runs) == "pending"
+    fake_run(runs / cell.run_name, [0.1, 0.2], config=cell.run_config, finish=False)
+    assert sweep.cell_status(cell, runs) == "interrupted"
+    fake_run(runs / cell.run_name, [0.1, 0.2], config=cell.run_config)  # 2 of 3 rounds
+    assert sweep.cell_status(cell, runs) == "interrupted"
+    fake_run(runs / cell.run_name, [0.1, 0.2, 0.3], config=cell.run_config)
+    assert sweep.cell_status(cell, runs) == "done"
+    fake_run(runs / cell.run_name, [0.1, 0.2, 0.3], config={**cell.run_config, "lr": 0.5})
+    assert sweep.cell_status(cell, runs) == "stale"
+    assert sweep.config_changes(
+        cell, json.loads((runs / cell.run_name / "summary.json").read_text())
+    )
+
+
+def test_results_inside_the_app_must_be_git_ignored(tmp_path: Path) -> None:
+    """Flower zips *.json/*.md under the app folder into every run's FAB unless git-ignored."""
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(APP_DIR / "pyproject.toml", app)
+    assert sweep.fab_would_include(app / "results" / "smoke", app)
+    (app / ".gitignore").write_text("results/\n")
+    assert not sweep.fab_would_include(app / "results" / "smoke", app)
+    assert not sweep.fab_would_include(tmp_path / "elsewhere", app)
+
+
+# --- progress -------------------------------------------------------------------------------
+
+
+def test_progress_lines_parse_the_app_output() -> None:
+    cells = expand(Suite(name="t", base={"num-clients": 2, "num-server-rounds": 2}, grid={}))
+    out = io.StringIO()
+    progress = sweep.Progress(num_cells=3, rounds_to_run=6, out=out)
+    progress.start(cells[0])
+    progress.line("INFO :      [ROUND 1/2]")
+    progress.line(
+        "[fedbat-flwr] round   1/2 | fedbat | test acc 0.8421 | uplink 1.021 bit/param | "
+        "replies 2 (+0 rejected) | 3.0 s"
+    )
+    progress.line("[fedbat-flwr] round   2/2 | fedbat | test acc    n/a | uplink 1.0 bit/param")
+    progress.finish(cells[0], ok=True)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "cell 1/3 fedbat-iid-n2-s42 started"
+    assert re.fullmatch(r"cell 1/3 fedbat-iid-n2-s42 round 1/2 acc 0\.8421 ETA \d\d:\d\d", lines[1])
+    assert "round 2/2 acc   n/a  ETA" in lines[2]
+    assert lines[3].startswith("cell 1/3 fedbat-iid-n2-s42 done in ")
+    assert progress.rounds_left == 4
+
+
+# --- tables and plots -----------------------------------------------------------------------
+
+
+def synthetic_runs(root: Path) -> list[report.RunResult]:
+    """fedavg and fedbat on two columns, two seeds each; known accuracies."""
+    runs = []
+    for method, uplink, base_acc in (("fedavg", 32_000_000, 0.80), ("fedbat", 1_000_000, 0.82)):
+        for partitioner in ("iid", "shard"):
+            for seed, shift in ((0, -0.05), (1, 0.05)):
+                accs = [0.1, None, 0.5, 0.6, 0.7, 0.75, base_acc + shift]
+                run_dir = root / f"{method}-{partitioner}-n10-s{seed}"
+                fake_run(run_dir, accs, method=method, uplink=uplink)
+                key = report.GroupKey(method, partitioner, 10)
+                runs.append(report.load_run(run_dir, key, seed))
+    return runs
+
+
+def test_aggregate_over_seeds(tmp_path: Path) -> None:
+    stats = {
+        (s.key.method, s.key.partitioner): s for s in report.aggregate(synthetic_runs(tmp_path))
+    }
+    fedbat = stats[("fedbat", "shard")]
+    assert fedbat.num_seeds == 2 and fedbat.rounds == 7
+    assert fedbat.final_accuracy_mean == pytest.approx(0.82)
+    assert fedbat.final_accuracy_std == pytest.approx(0.05)
+    assert fedbat.best_accuracy_mean == pytest.approx(0.82)
+    # last 5 evaluated rounds: 0.5, 0.6, 0.7, 0.75 and 0.77 / 0.87 (round 2 was not evaluated)
+    assert fedbat.final_mean_last5 == pytest.approx((0.5 + 0.6 + 0.7 + 0.75 + 0.82) / 5)
+    assert fedbat.uplink_mb == pytest.approx(7.0)
+    assert fedbat.downlink_mb == pytest.approx(14.0)
+    assert stats[("fedavg", "iid")].uplink_mb == pytest.approx(224.0)
+
+
+def test_report_files(tmp_path: Path) -> None:
+    paper = {"fedbat": {10: {"shard": (89.0, 0.4)}}, "zerofl": {10: {"iid": (80.0, 0.1)}}}
+    labels = {"fedbat": "FedBAT", "zerofl": "ZeroFL (paper only)"}
+    written = report.write_report(
+        synthetic_runs(tmp_path / "runs"), tmp_path, title="synthetic", labels=labels, paper=paper
+    )
+    assert {p.name for p in written} == {
+        "table.md", "table.csv", "accuracy_vs_round.png", "accuracy_vs_uplink.png"
+    }  # fmt: skip
+    md = (tmp_path / "table.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method | iid"))
+    assert header == (
+        "| method | iid, N=10 | iid, N=10 (paper) | shard, N=10 | shard, N=10 (paper) |"
+    )
+    assert "| FedBAT | 82.0 ± 5.0 | – | 82.0 ± 5.0 | 89.0 ± 0.4 |" in md
+    assert "| ZeroFL (paper only) | – | 80.0 ± 0.1 | – | – |" in md
+    assert "| fedavg | 224.0 | 1.000 | 448.0 | 7 |" in md
+    rows = read_csv(tmp_path / "table.csv")
+    assert set(REQUIRED_CSV) <= set(rows[0])
+    assert len(rows) == 4
+    shard = next(r for r in rows if r["method"] == "fedbat" and r["partitioner"] == "shard")
+    assert float(shard["final_accuracy_mean"]) == pytest.approx(0.82)
+    assert float(shard["paper_accuracy_mean"]) == pytest.approx(0.89)
+    for name in ("accuracy_vs_round.png", "accuracy_vs_uplink.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_only_uses_finished_cells_of_the_suite(tmp_path: Path) -> None:
+    suite = load_suite(write_suite(tmp_path, VALID), known_methods=METHODS)
+    cells = expand(suite)
+    runs = tmp_path / "out" / "runs"
+    for cell in cells[:3]:
+        fake_run(runs / cell.run_name, [0.3, 0.4, 0.5], method=cell.key.method,
+                 config=cell.run_config)  # fmt: skip
+    fake_run(runs / cells[3].run_name, [0.3], config=cells[3].run_config, finish=False)
+    fake_run(runs / "not-in-suite", [0.9, 0.9, 0.9])
+    out = io.StringIO()
+    code = sweep.run_suite(suite, tmp_path / "out", report_only=True, out=out)
+    assert code == 0
+    assert "8 cells (3 done, 4 pending, 1 interrupted)" in out.getvalue()
+    assert "3 of 8 runs complete" in (tmp_path / "out" / "table.md").read_text()
+    rows = read_csv(tmp_path / "out" / "table.csv")
+    assert sorted(int(r["num_seeds"]) for r in rows) == [1, 1, 1]
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+
+def run_cli(*args: str, timeout: float = 600) -> str:
+    """The real command in a subprocess; on timeout SIGTERM lets it stop its SuperLink."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedbat_flwr.sweep", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=APP_DIR,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=60)
+        pytest.fail(f"fedbat-sweep timed out:\n{output}")
+    assert proc.returncode == 0, output
+    return output
+
+
+def assert_superlink_gone(output: str) -> None:
+    """The SuperLink the sweep started, and everything started under its Flower home, is gone."""
+    match = re.search(r"SuperLink pid (\d+) started \(log (\S+)/superlink\.log\)", output)
+    assert match, output
+    pid, home = int(match[1]), match[2]
+    assert f"SuperLink pid {pid} stopped" in output
+    assert not Path(f"/proc/{pid}").exists()
+    leftovers = sweep.processes_under(Path(home))
+    assert not leftovers, f"processes left under {home}: {leftovers}"
+
+
+@pytest.mark.e2e
+def test_smoke_sweep_end_to_end_and_resume(tmp_path: Path) -> None:
+    out = tmp_path / "smoke"
+    output = run_cli("conf/smoke.yaml", "--output", str(out))
+    assert_superlink_gone(output)
+    assert re.search(r"cell 4/4 \S+ round 2/2 acc \d\.\d{4} ETA \d\d:\d\d", output)
+    for name in ("table.md", "table.csv", "accuracy_vs_round.png", "accuracy_vs_uplink.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = read_csv(out / "table.csv")
+    assert set(REQUIRED_CSV) <= set(rows[0])
+    assert {(r["method"], r["num_seeds"]) for r in rows} == {("fedavg", "2"), ("fedbat", "2")}
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["fedavg-iid-n3-s0", "fedavg-iid-n3-s1", "fedbat-iid-n3-s0", "fedbat-iid-n3-s1"]
+    assert "[fedbat-flwr] round   2/2" in (out / "runs" / runs[0] / "log.txt").read_text()
+
+    again = run_cli("conf/smoke.yaml", "--output", str(out))
+    assert "4 cells (4 done); 0 rounds to run" in again
+    assert again.count("skipped (complete)") == 4
+    assert "SuperLink pid" not in again  # nothing to run: no SuperLink at all
+
+    mtimes = {r: (out / "runs" / r / "summary.json").stat().st_mtime_ns for r in runs}
+    (out / "runs" / "fedbat-iid-n3-s0" / "summary.json").unlink()
+    third = run_cli("conf/smoke.yaml", "--output", str(out))
+    assert "(3 done, 1 interrupted)" in third
+    assert re.findall(r"cell \d/4 (\S+) started", third) == ["fedbat-iid-n3-s0"]
+    assert_superlink_gone(third)
+    for run in runs:
+        changed = (out / "runs" / run / "summary.json").stat().st_mtime_ns != mtimes[run]
+        assert changed == (run == "fedbat-iid-n3-s0"), run
