@@ -51,8 +51,9 @@ class LocalSuperLink:
 
     def __init__(self, http_port: int | None = None, control_port: int | None = None) -> None:
         # Free ports by default, so tests and sweeps never meet a user's SuperLink (39091/39093).
-        self.http_port = http_port or free_port()
-        self.control_port = control_port or free_port()
+        free = free_ports(2)
+        self.http_port = http_port or free[0]
+        self.control_port = control_port or free[1]
         self.home = Path(tempfile.mkdtemp(prefix="fedbat-flwr-home-"))
         (self.home / "config.toml").write_text(FLOWER_CONFIG)
         self.log_path = self.home / "superlink.log"
@@ -108,11 +109,15 @@ class LocalSuperLink:
         except httpx.HTTPError:
             return False
 
-    def stop(self) -> None:
-        """Stop the SuperLink and everything it spawned (its process group), by PID."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        stop_process_group(self.process)
+    def stop(self) -> list[int]:
+        """Stop the SuperLink and everything it spawned, by PID; returns stragglers stopped.
+
+        Stragglers are processes that escaped the tree (e.g. Ray agents adopted by init when
+        stopped mid start-up); they inherited this SuperLink's unique FLWR_HOME.
+        """
+        if self.process is not None and self.process.poll() is None:
+            stop_process_group(self.process)
+        return stop_leftovers(self.home)
 
     def __enter__(self) -> LocalSuperLink:
         self.start()
@@ -163,11 +168,42 @@ class LocalSuperLink:
                 stop_process_group(proc)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports on 127.0.0.1 that nothing listens on right now."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def stop_leftovers(home: Path, grace: float = 5.0) -> list[int]:
+    """Stop, by PID, processes still running with FLWR_HOME=<home> (unique per SuperLink)."""
+    pids = processes_under(home)
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and processes_under(home):
+        time.sleep(0.1)
+    _signal_all(processes_under(home), signal.SIGKILL)  # re-listed: never signal a reused PID
+    return pids
+
+
+def processes_under(home: Path) -> list[int]:
+    """Living processes (not zombies) whose environment has FLWR_HOME=<home> (Linux /proc)."""
+    marker = f"\0FLWR_HOME={home}\0".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = b"\0" + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        if marker in environ and pid != os.getpid() and _alive(pid):
+            found.append(pid)
+    return found
 
 
 def descendants(pid: int) -> list[int]:
@@ -210,7 +246,7 @@ def stop_process_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None
 
 def _signal_all(pids: list[int], sig: signal.Signals) -> None:
     for pid in pids:
-        with suppress(ProcessLookupError):
+        with suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
 
 

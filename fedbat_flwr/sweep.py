@@ -25,18 +25,15 @@ An output folder inside the app folder must be git-ignored: `flwr run` packs eve
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import fcntl
 import functools
 import io
 import itertools
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import time
 import zipfile
@@ -405,7 +402,10 @@ class Progress:
     def finish(self, cell: Cell, ok: bool) -> None:
         elapsed = time.monotonic() - self.cell_started
         self.spent += elapsed
-        self.rounds_left -= cell.num_rounds - self.cell_rounds  # a failed cell's rest is gone
+        unseen = cell.num_rounds - self.cell_rounds  # rounds whose line was not seen
+        self.rounds_left -= unseen  # a failed cell's rest will not run either
+        if ok:
+            self.rounds_done += unseen
         self.cell = None
         outcome = "done" if ok else "FAILED"
         self._say(
@@ -427,23 +427,10 @@ def _mmss(seconds: float) -> str:
     return f"{minutes:02d}:{secs:02d}"
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports nobody listens on, so a sweep never talks to someone else's SuperLink."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @contextmanager
 def owned_superlink(out: TextIO = sys.stdout) -> Iterator[LocalSuperLink]:
     """One SuperLink for the whole sweep, stopped by PID however the sweep ends."""
-    http_port, control_port = _free_ports(2)
-    link = LocalSuperLink(http_port=http_port, control_port=control_port)
+    link = LocalSuperLink()
     try:
         link.start()
         assert link.process is not None
@@ -452,48 +439,10 @@ def owned_superlink(out: TextIO = sys.stdout) -> Iterator[LocalSuperLink]:
         )
         yield link
     finally:
-        link.stop()
-        stragglers = stop_leftovers(link.home)
+        stragglers = link.stop()
         if link.process is not None:
             note = f" (and {len(stragglers)} stray processes)" if stragglers else ""
             print(f"SuperLink pid {link.process.pid} stopped{note}", file=out, flush=True)
-
-
-def stop_leftovers(home: Path, grace: float = 5.0) -> list[int]:
-    """Stop, by PID, processes still running under this SuperLink's Flower home.
-
-    Stopping the SuperLink's process tree can miss children that were being spawned at that
-    moment (seen with Ray's agents on Ctrl-C during simulation start-up; they end up adopted by
-    init). They inherited FLWR_HOME=<home>, a folder unique to this sweep, which identifies them.
-    """
-    pids = processes_under(home)
-    _signal(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and processes_under(home):
-        time.sleep(0.1)
-    _signal(processes_under(home), signal.SIGKILL)  # re-listed: never signal a reused PID
-    return pids
-
-
-def _signal(pids: Sequence[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-def processes_under(home: Path) -> list[int]:
-    """Living processes (not zombies) whose environment has FLWR_HOME=<home> (Linux /proc)."""
-    marker = f"\0FLWR_HOME={home}\0".encode()
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            environ = b"\0" + (entry / "environ").read_bytes()
-            zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except (OSError, IndexError):
-            continue
-        if marker in environ and not zombie and int(entry.name) != os.getpid():
-            found.append(int(entry.name))
-    return found
 
 
 def run_cell(link: LocalSuperLink, cell: Cell, runs_dir: Path, progress: Progress) -> bool:
@@ -599,10 +548,12 @@ def _print_plan(
     if not verbose:
         return
     for cell in cells:
+        state = status[cell.run_name]
         params = " ".join(f"{k}={v}" for k, v in cell.params.items())
-        print(
-            f"  {cell.index:>3} [{status[cell.run_name]:<11}] {cell.run_name}  {params}", file=out
-        )
+        print(f"  {cell.index:>3} [{state:<11}] {cell.run_name}  {params}", file=out)
+        if state == "stale":
+            summary = _read_summary(out_dir / "runs" / cell.run_name) or {}
+            print(f"      config changed: {'; '.join(config_changes(cell, summary))}", file=out)
     out.flush()
 
 

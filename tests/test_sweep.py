@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 
 from fedbat_flwr import report, sweep
-from fedbat_flwr.localrun import APP_DIR
+from fedbat_flwr.localrun import APP_DIR, processes_under
 from fedbat_flwr.results import RunRecorder
 from fedbat_flwr.sweep import Suite, SuiteError, expand, load_suite
 
 METHODS = ["fedavg", "fedbat"]
-# Methods the paper presets name; some may still be landing in fedbat_flwr/methods/.
-PLANNED = ["fedavg", "fedbat", "signsgd", "ef-signsgd", "noisy-signsgd", "stoc-signsgd", "topk"]
+PAPER_METHODS = [
+    "fedavg", "signsgd", "ef-signsgd", "noisy-signsgd", "stoc-signsgd", "zerofl", "topk", "fedbat"
+]  # fmt: skip
 REQUIRED_CSV = (
     "method",
     "partitioner",
@@ -127,25 +128,23 @@ def test_cli_reports_suite_errors_with_exit_code_2(tmp_path: Path, capsys) -> No
 
 @pytest.mark.parametrize("path", sorted((APP_DIR / "conf").glob("*.yaml")), ids=lambda p: p.name)
 def test_presets_are_valid(path: Path) -> None:
-    from fedbat_flwr.methods import method_names
-
-    suite = load_suite(path, known_methods=sorted(set(method_names()) | set(PLANNED)))
-    methods = {c.run_config["method"] for c in expand(suite)}
-    assert methods <= set(PLANNED), "presets may only name methods that exist or are planned"
+    """Every preset loads with the registered methods (load_suite checks them by default)."""
+    suite = load_suite(path)
+    cells = expand(suite)
     if path.name.startswith("paper-"):
-        cells = expand(suite)
-        assert len(cells) == 7 * 3 * 2 * 5
+        assert list(dict.fromkeys(c.run_config["method"] for c in cells)) == PAPER_METHODS
+        assert len(cells) == len(PAPER_METHODS) * 3 * 2 * 5
         assert {c.run_config["local-epochs"] for c in cells} == {10}
         assert {c.run_config["min-train-nodes"] for c in cells} == {10}
-        assert set(suite.paper) == {*PLANNED, "zerofl"} - {"topk"}
+        assert set(suite.paper) == set(PAPER_METHODS) - {"topk"}  # Table 1 has no plain top-k
 
 
 def test_paper_numbers_match_table_1() -> None:
     """A few spot checks against the paper's Table 1 (FMNIST row FedBAT, CIFAR-100 FedAvg)."""
-    fmnist = load_suite(APP_DIR / "conf/paper-fmnist.yaml", known_methods=PLANNED)
+    fmnist = load_suite(APP_DIR / "conf/paper-fmnist.yaml")
     assert fmnist.paper["fedbat"][100]["shard"] == (89.0, 0.4)
     assert fmnist.paper["signsgd"][30]["dirichlet"] == (86.5, 1.0)
-    cifar100 = load_suite(APP_DIR / "conf/paper-cifar100.yaml", known_methods=PLANNED)
+    cifar100 = load_suite(APP_DIR / "conf/paper-cifar100.yaml")
     assert cifar100.paper["fedavg"][100]["iid"] == (59.2, 0.3)
     assert cifar100.base["dirichlet-alpha"] == 0.1 and cifar100.base["labels-per-client"] == 10
 
@@ -332,6 +331,20 @@ def test_report_only_uses_finished_cells_of_the_suite(tmp_path: Path) -> None:
     assert sorted(int(r["num_seeds"]) for r in rows) == [1, 1, 1]
 
 
+def test_dry_run_lists_cells_and_why_a_cell_is_stale(tmp_path: Path) -> None:
+    suite = load_suite(write_suite(tmp_path, VALID), known_methods=METHODS)
+    cells = expand(suite)
+    runs = tmp_path / "out" / "runs"
+    fake_run(runs / cells[0].run_name, [0.3, 0.4, 0.5], config={**cells[0].run_config, "lr": 0.5})
+    out = io.StringIO()
+    assert sweep.run_suite(suite, tmp_path / "out", dry_run=True, out=out) == 0
+    text = out.getvalue()
+    assert "    1 [stale      ] fedavg-shard-n4-s0  seed=0 method=fedavg num-clients=4" in text
+    assert "config changed: lr: 0.5 -> 0.1" in text
+    assert "    8 [pending    ] fedbat-shard-n8-s1" in text
+    assert not (tmp_path / "out" / "table.md").exists()  # a dry run writes nothing
+
+
 # --- end to end -----------------------------------------------------------------------------
 
 
@@ -361,7 +374,7 @@ def assert_superlink_gone(output: str) -> None:
     pid, home = int(match[1]), match[2]
     assert f"SuperLink pid {pid} stopped" in output
     assert not Path(f"/proc/{pid}").exists()
-    leftovers = sweep.processes_under(Path(home))
+    leftovers = processes_under(Path(home))
     assert not leftovers, f"processes left under {home}: {leftovers}"
 
 
