@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -44,8 +45,10 @@ from .localrun import (
     _bin,
     _signal_all,
     descendants,
-    free_port,
+    free_ports,
+    processes_under,
     run_config_arg,
+    stop_leftovers,
     stop_process_group,
 )
 
@@ -195,13 +198,15 @@ class LocalDeployment:
         self.home = Path(tempfile.mkdtemp(prefix="fedbat-flwr-deploy-"))
         self.log_dir = log_dir or self.home / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()  # the SuperLink's Fleet + Control + Runtime HTTP API
+        # The SuperLink's Fleet + Control + Runtime HTTP API, then one Runtime API per node.
+        self.port, *self._node_ports = free_ports(num_nodes + 1)
         self.tls = make_tls_files(self.home / "tls") if tls else None
         self.auth = auth
         self.cuda_devices = list(cuda_devices)
         self.superlink: subprocess.Popen[bytes] | None = None
         self.nodes: dict[int, NodeProcess] = {}
         self.extra: list[NodeProcess] = []  # started but not members, e.g. unregistered nodes
+        self.homes = [self.home]  # FLWR_HOME of the SuperLink, then of each node
         (self.home / "config.toml").write_text(self.flower_config())
 
     @property
@@ -324,9 +329,10 @@ class LocalDeployment:
         keys = make_node_keys(self.home / "keys", name) if self.auth else None
         if keys is not None and register:
             self.register(keys.public_key, name=name)
-        runtime_port = free_port()
+        runtime_port = self._node_port()
         node_home = self.home / name  # per-node FAB installs: no two nodes write one folder
         node_home.mkdir(exist_ok=True)
+        self.homes.append(node_home)
         gpu = {}
         if self.cuda_devices:
             gpu["CUDA_VISIBLE_DEVICES"] = self.cuda_devices[partition_id % len(self.cuda_devices)]
@@ -338,6 +344,15 @@ class LocalDeployment:
         else:
             self.extra.append(node)
         return node
+
+    def _node_port(self) -> int:
+        """A free port no node of ours was given (a starting node may not have bound it yet)."""
+        if self._node_ports:
+            return self._node_ports.pop(0)
+        taken = {self.port} | {n.runtime_port for n in [*self.nodes.values(), *self.extra]}
+        while (port := free_ports(1)[0]) in taken:
+            pass
+        return port
 
     def kill_node(self, partition_id: int) -> None:
         """SIGKILL a SuperNode and its ClientApp processes at once, as a crash would."""
@@ -411,37 +426,27 @@ class LocalDeployment:
         return nodes + ([self.superlink] if self.superlink is not None else [])
 
     def pids(self) -> list[int]:
-        """Living PIDs of the trees started here, plus any process with our Flower home.
+        """Living PIDs of the trees started here, plus any process with one of our homes.
 
-        Flower starts some executors detached; a process that outlived its parent is no longer
-        in the tree, but still carries FLWR_HOME=<our private home> in its environment.
+        Flower starts some executors detached; one that outlived its parent is no longer in
+        the tree, but still carries FLWR_HOME=<a private home of ours> in its environment.
         """
         found: list[int] = []
         for proc in self.processes():
             if proc.poll() is None:
                 found += [proc.pid, *descendants(proc.pid)]
-        return found + [pid for pid in self._pids_with_our_home() if pid not in found]
-
-    def _pids_with_our_home(self) -> list[int]:
-        marker = f"FLWR_HOME={self.home}".encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                environ = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(var == marker or var.startswith(marker + b"/") for var in environ):
-                found.append(int(entry.name))
-        return [pid for pid in found if _alive(pid)]
+        strays = [pid for home in self.homes for pid in processes_under(home)]
+        return found + [pid for pid in strays if pid not in found]
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop every tree started here by PID, all at once, then any stray with our home."""
         stop_trees(self.processes(), grace=grace)
-        _signal_all(self._pids_with_our_home(), signal.SIGKILL)
+        for home in self.homes:
+            stop_leftovers(home)
         self.nodes.clear()
         self.extra.clear()
+        if not self.log_dir.is_relative_to(self.home):  # keys and certificates go too
+            shutil.rmtree(self.home, ignore_errors=True)
 
     def __enter__(self) -> LocalDeployment:
         try:

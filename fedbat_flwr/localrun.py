@@ -75,6 +75,8 @@ class LocalSuperLink:
         return env
 
     def start(self, timeout: float = 60.0) -> None:
+        if self.process is not None:
+            raise RuntimeError(f"this SuperLink was already started (pid {self.process.pid})")
         command = [
             _bin("flower-superlink"),
             "--insecure",

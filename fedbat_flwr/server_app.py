@@ -41,7 +41,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedbat-flwr: %s on %s, results in %s", config.method, config.dataset, run_dir)
 
     strategy = build_strategy(
-        config.aggregator,
+        method.aggregator(config),
         spec=spec,
         payload_kind=method.payload_kind,
         bounds=AlphaBounds(

@@ -1,23 +1,36 @@
-"""End to end on Flower's Deployment Engine: a real SuperLink and real SuperNodes on loopback.
+"""Flower's Deployment Engine: a real SuperLink and real SuperNodes on loopback, and docker/.
 
-Each test starts its own processes (private Flower home, free ports), runs FedBAT briefly, and
-checks both the results contract and that every process it started is gone afterwards.
+Each e2e test starts its own processes (private Flower home, free ports), runs FedBAT briefly,
+and checks both the results contract and that every process it started is gone afterwards.
+Docker cannot run here, so docker/ is checked statically: the compose file parses, its
+Dockerfiles exist, every flag it passes exists in the installed Flower binaries (and is the
+flag scripts/deploy_local.py uses), and every image pins the installed flwr version.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+import subprocess
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
+from packaging.requirements import Requirement
 
-from fedbat_flwr.deploy import LocalDeployment, all_gone
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from fedbat_flwr.deploy import LocalDeployment, all_gone, make_node_keys
+from fedbat_flwr.localrun import APP_DIR, _bin
 from fedbat_flwr.results import METRIC_KEYS, SUMMARY_KEYS
-
-pytestmark = pytest.mark.e2e
 
 NUM_NODES = 3
 SHORT_RUN = {
@@ -68,6 +81,7 @@ def trained_rounds(log: Path) -> int:
     return log.read_text().count("Sending: train message")
 
 
+@pytest.mark.e2e
 def test_deployment_trains_fedbat_on_real_supernodes(
     deployments: list[LocalDeployment], tmp_path: Path
 ) -> None:
@@ -84,6 +98,7 @@ def test_deployment_trains_fedbat_on_real_supernodes(
         assert trained_rounds(node.log_path) == 2, node.log_path.read_text()[-2000:]
 
 
+@pytest.mark.e2e
 def test_tls_and_node_authentication_refuse_an_unregistered_node(
     deployments: list[LocalDeployment], tmp_path: Path
 ) -> None:
@@ -109,6 +124,7 @@ def test_tls_and_node_authentication_refuse_an_unregistered_node(
         assert trained_rounds(node.log_path) == 2
 
 
+@pytest.mark.e2e
 def test_a_supernode_killed_mid_run_does_not_stop_the_run(
     deployments: list[LocalDeployment], tmp_path: Path
 ) -> None:
@@ -142,3 +158,117 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(
     # heartbeat expires; round 3 samples the two nodes still online.
     assert [r["num_replies"] for r in rows[1:]] == [NUM_NODES - 1] * 2
     assert all(r["model_updated"] for r in rows)
+
+
+# -- docker/ (static: no Docker engine on this machine) --------------------------------------
+DOCKER = APP_DIR / "docker"
+COMPOSE_FILES = ["compose.yaml", "compose.gpu.yaml"]
+BINARY_OF_IMAGE = {
+    "flwr/superlink": "flower-superlink",
+    "flwr/supernode": "flower-supernode",
+    "flwr/superexec": "flower-superexec",
+}
+FLAG = r"(?<![\w-])--[a-z][a-z0-9-]*"
+
+
+@functools.cache
+def cli(binary: str) -> tuple[frozenset[str], dict[str, set[str]], frozenset[str]]:
+    """A Flower binary's flags, choices per flag and deprecated flags, from its `--help`."""
+    out = subprocess.run(
+        [_bin(binary), "--help"], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    usage, _, options = out.partition("\n\n")  # usage lists every flag argparse shows
+    flags = frozenset(re.findall(FLAG, usage))
+    choices = {f: set(c.split(",")) for f, c in re.findall(rf"({FLAG}) \{{([^}}]*)\}}", usage)}
+    deprecated = set()
+    for block in re.split(r"\n(?=  -)", options):  # one block per option
+        if "deprecated" in block.lower():
+            deprecated |= set(re.findall(FLAG, block.strip().split("\n")[0].split("  ")[0]))
+    return flags, choices, frozenset(deprecated)
+
+
+def compose_services() -> dict[str, dict[str, Any]]:
+    """Services of every compose file, merged the way `docker compose -f a -f b` merges."""
+    services: dict[str, dict[str, Any]] = {}
+    for name in COMPOSE_FILES:
+        for key, service in yaml.safe_load((DOCKER / name).read_text())["services"].items():
+            services.setdefault(key, {}).update(service)
+    return services
+
+
+def dockerfiles() -> list[Path]:
+    return sorted(DOCKER.glob("Dockerfile*[!e]"))  # not the .dockerignore files
+
+
+def binary_of(service: dict[str, Any]) -> str:
+    """The Flower binary a service runs: its Dockerfile's ENTRYPOINT, or its image's."""
+    if "build" in service:
+        text = (DOCKER / ".." / service["build"]["dockerfile"]).read_text()
+        return json.loads(re.search(r"^ENTRYPOINT (.*)$", text, re.M)[1])[0]
+    return BINARY_OF_IMAGE[service["image"].split(":")[0]]
+
+
+def check_flags(binary: str, args: list[str]) -> set[str]:
+    """The flags in `args`, each checked against the binary's help; returns them."""
+    flags, choices, deprecated = cli(binary)
+    used = {a for a in args if a.startswith("--")}
+    assert used <= flags, f"{binary} has no {sorted(used - flags)}"
+    assert not used & deprecated, f"{binary}: {sorted(used & deprecated)} are deprecated"
+    for flag, allowed in choices.items():
+        if flag in args:
+            assert args[args.index(flag) + 1] in allowed, (binary, flag, allowed)
+    return used
+
+
+def test_compose_files_parse_and_reference_existing_dockerfiles() -> None:
+    services = compose_services()
+    assert {"superlink", "serverapp", "supernode-0", "clientapp-0"} <= set(services)
+    for name, service in services.items():
+        assert "image" in service, name
+        if "build" in service:
+            assert (DOCKER / service["build"]["context"] / "pyproject.toml").is_file()
+            assert (DOCKER / ".." / service["build"]["dockerfile"]).resolve().is_file(), name
+    for path in dockerfiles():
+        assert Path(f"{path}.dockerignore").is_file(), "keep outputs/ and .venv out of builds"
+    executors = [s for s in services.values() if binary_of(s) == "flower-superexec"]
+    for service in executors:  # ServerApp (test set) and ClientApps (partitions) read the data
+        assert any(v.endswith(":/data/fashion-mnist:ro") for v in service["volumes"]), service
+
+
+def test_compose_flags_exist_and_match_the_local_deployment(tmp_path: Path) -> None:
+    plain = LocalDeployment(2, log_dir=tmp_path)  # plain HTTP, as compose.yaml
+    secure = LocalDeployment(2, log_dir=tmp_path, tls=True, auth=True)
+    keys = make_node_keys(tmp_path / "keys", "node")
+    try:  # command lines only: no process is started
+        local_flags = {
+            "flower-superlink": check_flags("flower-superlink", plain.superlink_command()),
+            "flower-supernode": check_flags(
+                "flower-supernode", plain.supernode_command(0, 1, None)
+            ),
+        }
+        check_flags("flower-superlink", secure.superlink_command())
+        check_flags("flower-supernode", secure.supernode_command(0, 1, keys))
+    finally:
+        plain.stop()
+        secure.stop()
+    # What Flower's SuperLink and SuperNodes pass to the executors they spawn themselves.
+    local_flags["flower-superexec"] = {"--insecure", "--root-certificates", "--runtime-api-address"}
+    for name, service in compose_services().items():
+        if "command" in service:
+            binary = binary_of(service)
+            used = check_flags(binary, [str(a) for a in service["command"]])
+            assert used <= local_flags[binary], f"{name}: {sorted(used - local_flags[binary])}"
+
+
+def test_images_pin_the_installed_flwr_version() -> None:
+    installed = version("flwr")
+    pyproject = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
+    flwr_req = next(
+        Requirement(d) for d in pyproject["project"]["dependencies"] if d.startswith("flwr[")
+    )
+    assert flwr_req.specifier.contains(installed)
+    tags = [s["image"] for s in compose_services().values()]
+    tags += [re.search(r"^FROM (\S+)", p.read_text(), re.M)[1] for p in dockerfiles()]
+    for tag in tags:
+        assert tag.rsplit(":", 1)[1] == installed, f"{tag} is not flwr {installed}"
+    assert {t.split(":")[0] for t in tags} >= set(BINARY_OF_IMAGE)
