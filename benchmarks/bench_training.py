@@ -24,7 +24,7 @@ from fedbat_flwr.training import (
 
 BATCH = 64
 STEPS = 8  # steps per timed call
-REPEATS = 5  # best-of
+REPEATS = 7  # best-of
 CPU = torch.device("cpu")
 
 

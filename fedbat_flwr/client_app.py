@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import load_partition
 from .methods import LocalTask, get_method
-from .records import arrays_to_record, payload_to_record, record_to_arrays
+from .records import arrays_to_record, payload_to_record, record_to_arrays, record_to_payload
 from .strategy import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from .task import build_model_for, client_seed, data_config, load_state, model_spec
 from .training import TensorBatches, default_device, evaluate, prepare_model
@@ -26,20 +28,24 @@ def train(msg: Message, context: Context) -> Message:
     method = get_method(config.method)(config)
     partition_id, num_partitions = _partition(context)
     server_round = int(msg.content["config"]["server-round"])
+    inject_fault(config, partition_id, server_round)  # test hook, off by default
     data = load_partition(data_config(config, num_partitions), partition_id)
     seed = client_seed(config, server_round, partition_id)
 
     device = default_device()
     model = build_model_for(config)
-    global_state = record_to_arrays(msg.content[ARRAYS_KEY])
+    spec = model_spec(model)
+    state = record_to_arrays(context.state.array_records.get(STATE_KEY, ArrayRecord()))
+    # The dense global model, or a method's own downlink payload (raw arrays) it decodes.
+    downlink = record_to_payload(msg.content[ARRAYS_KEY])
+    global_state = method.receive(downlink, spec, state)
     load_state(model, global_state)
     model = prepare_model(model, device)
-    state = record_to_arrays(context.state.array_records.get(STATE_KEY, ArrayRecord()))
 
     task = LocalTask(
         model=model,
         global_state=global_state,
-        spec=model_spec(model),
+        spec=spec,
         batches=TensorBatches(
             data.x, data.y, config.batch_size, torch.Generator().manual_seed(seed)
         ),
@@ -48,6 +54,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=seed,
         server_round=server_round,
         state=state,
+        downlink=downlink,
     )
     update = method.train(task)
     if task.state:
@@ -74,6 +81,31 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     )
     metrics = MetricRecord({"eval-loss": loss, "eval-acc": accuracy, NUM_EXAMPLES_KEY: len(data)})
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+FAULT_KINDS = ("raise", "hang")
+
+
+def inject_fault(config: RunConfig, partition_id: int, server_round: int) -> None:
+    """Test hook (tests/test_faults.py): make one partition's ClientApp fail, to show that the
+    server treats the failure as a failed reply and the round proceeds without it.
+
+    Run-config keys, only tests set them: `fault-partition` (default -1 = off) is the partition
+    that fails, `fault-round` (default 0 = every round) the round, `fault-kind` how:
+    "raise" (the ClientApp raises; Flower sends the server an error reply) or "hang" (it sleeps
+    1.5 x `round-timeout`, so its reply comes too late, then trains as usual).
+    """
+    if config.get("fault-partition", -1) != partition_id:
+        return
+    if config.get("fault-round", 0) not in (0, server_round):
+        return
+    kind = config.get("fault-kind", "raise")
+    if kind == "raise":
+        raise RuntimeError(f"fault injected: partition {partition_id}, round {server_round}")
+    if kind == "hang":
+        time.sleep(1.5 * config.round_timeout)
+        return
+    raise ConfigError(f"run-config 'fault-kind' = {kind!r} is not allowed; allowed: {FAULT_KINDS}")
 
 
 def _partition(context: Context) -> tuple[int, int]:

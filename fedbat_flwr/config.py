@@ -16,6 +16,7 @@ from typing import Any
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "svhn")
 PARTITIONERS = ("iid", "dirichlet", "shard")
 MODELS = ("auto", "cnn4", "resnet10")
+NUM_EXAMPLES_POLICIES = ("cap", "reject")
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,8 @@ class RunConfig:
     alpha_max: float = 5e-2
     stat_alpha_max: float = 10.0
     max_num_examples: int = 1_000_000
+    num_examples_policy: str = "cap"  # a claim above max-num-examples: "cap" it or "reject" it
+    round_timeout: float = 600.0  # seconds the server waits for a round's replies
     seed: int = 42
     output_dir: str = "outputs"
     run_name: str = ""
@@ -68,6 +71,8 @@ class RunConfig:
             _check_range(key, getattr(self, key), lo=0)
         _check_range("min_train_nodes", self.min_train_nodes, lo=1)
         _check_range("max_num_examples", self.max_num_examples, lo=1)
+        _check_choice("num_examples_policy", self.num_examples_policy, NUM_EXAMPLES_POLICIES)
+        _check_range("round_timeout", self.round_timeout, lo=0.0, lo_open=True)
         _check_range("labels_per_client", self.labels_per_client, lo=1)
         _check_range("fraction_train", self.fraction_train, lo=0.0, hi=1.0, lo_open=True)
         _check_range("dirichlet_alpha", self.dirichlet_alpha, lo=0.0, lo_open=True)

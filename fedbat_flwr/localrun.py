@@ -136,15 +136,21 @@ class LocalSuperLink:
         app_dir: Path = APP_DIR,
         on_line: Callable[[str], None] | None = None,
         timeout: float | None = None,
+        federation: Mapping[str, Any] | None = None,
     ) -> int:
-        """Submit one run with `flwr run --stream` and wait for it; returns the exit code."""
+        """Submit one run with `flwr run --stream` and wait for it; returns the exit code.
+
+        `federation` adds `--federation-config` keys, e.g. `{"client-resources-num-cpus": 1}`
+        (Flower's default of 2 CPUs a ClientApp runs one ClientApp at a time on 2 cores).
+        """
+        federation_config = {"num-supernodes": num_supernodes, **(federation or {})}
         command = [
             _bin("flwr"),
             "run",
             str(app_dir),
             "--stream",
             "--federation-config",
-            f"num-supernodes={num_supernodes}",
+            run_config_arg(federation_config),
         ]
         if run_config:
             command += ["--run-config", run_config_arg(run_config)]

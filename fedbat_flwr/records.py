@@ -7,7 +7,9 @@ Model weights (downlink, FedAvg uplink) use Flower's ordinary numpy Arrays.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from io import BytesIO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -15,6 +17,7 @@ from flwr.app import Array, ArrayRecord
 from .wire import PayloadError
 
 RAW_STYPE = "raw"
+NUMPY_STYPE = "numpy.ndarray"
 # dtypes a payload may carry; anything else (objects, strings, ...) is refused before numpy sees it
 _ALLOWED_DTYPES = frozenset(
     {"uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float16", "float32"}
@@ -45,27 +48,61 @@ def record_to_payload(record: ArrayRecord) -> dict[str, np.ndarray]:
             raise PayloadError(key, "dtype", f"dtype {arr.dtype!r} is not allowed ({allowed})")
         if arr.stype == RAW_STYPE:
             out[key] = _from_raw(key, arr)
+        elif arr.stype == NUMPY_STYPE:
+            out[key] = _from_npy(key, arr)
         else:
-            try:
-                out[key] = arr.numpy()
-            except (TypeError, ValueError) as exc:
-                raise PayloadError(key, "data", f"not a numpy array: {exc}") from None
+            reason = f"stype {arr.stype!r} is not allowed ({RAW_STYPE!r}, {NUMPY_STYPE!r})"
+            raise PayloadError(key, "stype", reason)
     return out
 
 
 def _from_raw(key: str, arr: Array) -> np.ndarray:
-    dtype = np.dtype(arr.dtype)
-    shape = tuple(int(s) for s in arr.shape)
+    return _view(key, arr.data, np.dtype(arr.dtype), tuple(int(s) for s in arr.shape), "C")
+
+
+def _view(key: str, data: bytes, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
+    """`data` as an array of `shape`, once its length is exactly what the shape needs."""
     if any(s < 0 for s in shape):
         raise PayloadError(key, "shape", f"negative dimension in {shape}")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(arr.data) != expected:
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow on a forged shape
+    if len(data) != expected:
         raise PayloadError(
             key,
             "data",
-            f"{len(arr.data)} bytes do not match shape {shape} of {dtype} (expected {expected})",
+            f"{len(data)} bytes do not match shape {shape} of {dtype} (expected {expected})",
         )
-    return np.frombuffer(arr.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order=order)
+
+
+_NPY_HEADERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def _from_npy(key: str, arr: Array) -> np.ndarray:
+    """A `.npy` Array, parsed without `np.load`.
+
+    `np.load` (what `Array.numpy()` calls) allocates whatever shape the header claims before it
+    reads the data, so a 100-byte reply could ask the server for 400 GB, and it opens zip
+    archives too. Here the header is read first and must agree with the Array's dtype and shape
+    and with the number of data bytes; only then does numpy view the bytes.
+    """
+    stream = BytesIO(arr.data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version not in _NPY_HEADERS:
+            raise ValueError(f"format version {version} (allowed: 1.0, 2.0)")
+        shape, fortran_order, dtype = _NPY_HEADERS[version](stream)
+    except ValueError as exc:
+        raise PayloadError(key, "data", f"not a .npy array: {exc}") from None
+    declared = (np.dtype(arr.dtype), tuple(int(s) for s in arr.shape))
+    if (dtype, tuple(shape)) != declared:
+        reason = f"holds {dtype.str} {tuple(shape)}, declared {declared[0].str} {declared[1]}"
+        raise PayloadError(key, "data", reason)
+    order = "F" if fortran_order else "C"
+    # A private writable copy, as np.load would return (callers may load it into torch).
+    return _view(key, arr.data[stream.tell() :], dtype, declared[1], order).copy()
 
 
 def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

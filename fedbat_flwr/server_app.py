@@ -29,7 +29,8 @@ def main(grid: Grid, context: Context) -> None:
     method = get_method(config.method)
     model = build_model_for(config)
     spec = model_spec(model)
-    initial = state_arrays(model)
+    rule = method.server_rule(config, spec)  # None unless the method has its own server side
+    initial = state_arrays(model) if rule is None else rule.initial(state_arrays(model))
 
     run_name = config.run_name or default_run_name(
         config.method, config.dataset, config.partitioner
@@ -48,6 +49,8 @@ def main(grid: Grid, context: Context) -> None:
             param=(config.alpha_min, config.alpha_max), stat=(0.0, config.stat_alpha_max)
         ),
         max_num_examples=config.max_num_examples,
+        num_examples_policy=config.num_examples_policy,
+        rule=rule,
         fraction_train=config.fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=config.min_train_nodes,
@@ -58,11 +61,12 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid,
         initial_arrays=arrays_to_record(initial),
         num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,  # a node that has not replied by then counts as failed
         train_config=ConfigRecord({"method": config.method}),
         evaluate_fn=evaluate_fn,
     )
     final = record_to_arrays(result.arrays) if result.arrays is not None else initial
-    summary = recorder.finish(final)
+    summary = recorder.finish(final if rule is None else rule.eval_arrays(final))
     log(
         INFO,
         "fedbat-flwr: final accuracy %s, best %s, uplink %.2f MB, results in %s",
@@ -89,8 +93,14 @@ class CentralEvaluation:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         last = server_round == self.config.num_server_rounds
         metrics: dict[str, float] = {}
+        extra: dict[str, float] = {}
         if server_round == 0 or last or server_round % self.config.eval_every == 0:
-            load_state(self.model, record_to_arrays(arrays))
+            weights = record_to_arrays(arrays)
+            rule = self.strategy.rule
+            if rule is not None:  # the rule's global arrays are not (all) model weights
+                extra = rule.eval_metrics(weights)
+                weights = rule.eval_arrays(weights)
+            load_state(self.model, weights)
             loss, accuracy = evaluate(
                 self.model,
                 self.test.x,
@@ -102,10 +112,12 @@ class CentralEvaluation:
         if server_round == 0:
             self.recorder.initial = {"accuracy": metrics["test-accuracy"]}
         else:
-            self._record(server_round, metrics)
+            self._record(server_round, metrics, extra)
         return MetricRecord(metrics) if metrics else None
 
-    def _record(self, server_round: int, metrics: dict[str, float]) -> None:
+    def _record(
+        self, server_round: int, metrics: dict[str, float], extra: dict[str, float] | None = None
+    ) -> None:
         stats = self.strategy.rounds[server_round]
         num_params = self.strategy.spec.num_params
         sent = max(stats.num_sent, 1)
@@ -124,5 +136,6 @@ class CentralEvaluation:
                 "round_seconds": time.monotonic() - stats.started,
                 "model_updated": stats.model_updated,
                 "train_loss": stats.train_metrics.get("train-loss"),
+                **(extra or {}),  # optional keys a method's server rule adds (e.g. model_sparsity)
             }
         )

@@ -9,14 +9,19 @@ the bad ones, and then either
 - hands Flower's strategy dense "w + update_k" replies, so its own aggregation rule applies
   unchanged (no Flower code is copied).
 
-Dense payloads (FedAvg) skip decoding and go to Flower's own aggregation after validation.
+Dense payloads (FedAvg) are validated and go to Flower's own aggregation as those validated
+weights (never the reply's own record).
+A method with its own `ServerRule` (FedBiF, FedPM) replaces both: the rule makes the downlink
+payload and aggregates the validated replies (docs/ARCHITECTURE.md, "Methods").
 """
 
 from __future__ import annotations
 
+import math
+import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 
 import numpy as np
@@ -32,12 +37,22 @@ from flwr.serverapp.strategy import (
     Krum,
 )
 
-from .records import arrays_to_record, record_to_arrays, record_to_payload, wire_bytes
+from .records import (
+    arrays_to_record,
+    payload_to_record,
+    record_to_arrays,
+    record_to_payload,
+    wire_bytes,
+)
+from .server_rules import ServerRule
 from .wire import SIGN_KINDS, AlphaBounds, ModelSpec, PayloadError, decode_payload, majority_vote
+from .wire.votes import sign_median
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 NUM_EXAMPLES_KEY = "num-examples"
+# What a reply claiming more than `max-num-examples` gets: weighed as the cap, or rejected.
+NUM_EXAMPLES_POLICIES = ("cap", "reject")
 
 AGGREGATORS: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
@@ -59,6 +74,8 @@ class RoundStats:
     uplink_bytes: int = 0
     uplink_bits_per_param: float = 0.0
     num_replies: int = 0
+    # Sampled clients whose update was not aggregated: invalid replies, failed replies (a
+    # ClientApp that raised) and replies that never came (round-timeout).
     num_rejected: int = 0
     model_updated: bool = False
     train_metrics: dict[str, float] = field(default_factory=dict)
@@ -71,11 +88,37 @@ class Accepted:
     message: Message
     num_examples: int
     nbytes: int
-    decoded: object | None  # a wire `Decoded`, None for dense payloads
+    decoded: object | None  # a wire `Decoded` (for dense payloads: the validated weights)
+    # The validated scalar metrics, `num-examples` set to the weight actually used.
+    metrics: Mapping[str, int | float] = field(default_factory=dict)
 
 
 class UplinkMixin:
-    """Validate + decode replies of one payload kind in front of a Flower message strategy."""
+    """Validate + decode replies of one payload kind in front of a Flower message strategy.
+
+    Every reply is validated before it touches an accumulator (`_accept`): message errors,
+    `num-examples` (a positive int, at most `max-num-examples`), finite scalar metrics, then the
+    payload's keys, dtypes, byte lengths, pad bits and alphas/scales by the wire codec of its kind.
+    A rejected reply is logged (node, layer, field, reason) and counted in `num_rejected`; the
+    new model is exactly the one the other replies make, as if that client had not been sampled.
+
+    Influence of one accepted client (weighted mean, `p = n / sum n` with `n` capped at
+    `max-num-examples`; `num-examples-policy = "reject"` drops larger claims instead): per round
+    it moves any weight by at most
+
+    - 1-bit kinds (`signs`): `p * alpha-max` for a parameter, `p * stat-alpha-max` for a
+      BatchNorm statistic, in the statistic's domain (a running variance by a factor within
+      `exp(+-p * stat-alpha-max)`). `signs-unbounded` (SignSGD family, EF-SignSGD) has no a-priori
+      alpha for parameters: `p * 3.4e38` (float32), only the statistics are bounded.
+    - `kbit` / `sparse` updates: unbounded for parameters (finite float32, like dense); BatchNorm
+      statistics `p * stat-alpha-max` (checked on the scale / the kept values).
+    - `dense` / `binary-weights` (absolute weights): unbounded by design: the mean of weights
+      moves by `p * (w_k - mean of the others)`.
+
+    `aggregator = "majority"` bounds a client's vote (not its alpha: the step is the mean
+    alpha), `aggregator = "sign-median"` bounds both by the honest clients' range as long as they
+    are a majority; Flower's `fedmedian` / `fedtrimmedavg` / `krum` do the same for any kind.
+    """
 
     # True only where the strategy's own rule is FedAvg's weighted mean, which can be streamed.
     stream_mean: bool = False
@@ -87,9 +130,18 @@ class UplinkMixin:
         payload_kind: str,
         bounds: AlphaBounds,
         max_num_examples: int,
+        rule: ServerRule | None = None,
+        num_examples_policy: str = "cap",
         **strategy_kwargs: object,
     ) -> None:
+        if num_examples_policy not in NUM_EXAMPLES_POLICIES:
+            raise ValueError(
+                f"run-config 'num-examples-policy' = {num_examples_policy!r} is unknown; "
+                f"allowed: {', '.join(repr(p) for p in NUM_EXAMPLES_POLICIES)}"
+            )
         super().__init__(**strategy_kwargs)  # type: ignore[call-arg]
+        self.num_examples_policy = num_examples_policy
+        self.rule = rule
         self.spec = spec
         self.payload_kind = payload_kind
         self.bounds = bounds
@@ -105,6 +157,8 @@ class UplinkMixin:
         stats = RoundStats()
         self.rounds[server_round] = stats
         self.global_arrays = record_to_arrays(arrays)
+        if self.rule is not None:  # the method's own downlink payload instead of the dense model
+            arrays = payload_to_record(self.rule.downlink(self.global_arrays, server_round))
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         stats.num_sent = len(messages)
         stats.downlink_bytes = wire_bytes(arrays) * len(messages)
@@ -115,9 +169,14 @@ class UplinkMixin:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.rounds.setdefault(server_round, RoundStats())
         replies = list(replies)
-        accepted = [a for a in (self._accept(msg) for msg in replies) if a is not None]
+        accepted = [
+            a for a in (self._accept(msg, server_round) for msg in replies) if a is not None
+        ]
+        accepted = _shared_metrics(accepted)
         stats.num_replies = len(accepted)
-        stats.num_rejected = len(replies) - len(accepted)
+        # Replies that never came before the round's timeout are rejected too (num_sent is 0
+        # when configure_train did not run, e.g. in unit tests).
+        stats.num_rejected = max(len(replies), stats.num_sent) - len(accepted)
         stats.uplink_bytes = sum(a.nbytes for a in accepted)
         if accepted:
             stats.uplink_bits_per_param = float(
@@ -133,6 +192,15 @@ class UplinkMixin:
             )
             return None, None
         arrays, metrics = self._aggregate(server_round, accepted)
+        if arrays is not None and not _all_finite(arrays):
+            # Valid replies can still add up past float32 (unbounded kinds, a running variance
+            # pushed up round after round): never hand Flower a non-finite model.
+            log(
+                WARNING,
+                "round %d: the aggregate has non-finite values: keeping the previous model",
+                server_round,
+            )
+            return None, None
         stats.model_updated = arrays is not None
         stats.train_metrics = dict(metrics) if metrics is not None else {}
         return arrays, metrics
@@ -140,6 +208,10 @@ class UplinkMixin:
     def _aggregate(
         self, server_round: int, accepted: list[Accepted]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.rule is not None:
+            pairs = [(a.num_examples, a.decoded) for a in accepted]
+            new = self.rule.aggregate(self.global_arrays, pairs, server_round)  # type: ignore[arg-type]
+            return arrays_to_record(new), self._metrics(accepted)
         if self.stream_mean and self.payload_kind != "dense":
             return self._stream_mean(accepted), self._metrics(accepted)
         messages = [self._as_dense(a) for a in accepted]
@@ -164,9 +236,7 @@ class UplinkMixin:
         else:
             new = self.spec.apply(self.global_arrays, a.decoded.delta())  # type: ignore[union-attr]
             arrays = arrays_to_record(new)
-        metrics = MetricRecord(dict(a.message.content[METRICS_KEY]))
-        metrics[NUM_EXAMPLES_KEY] = a.num_examples
-        content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics})
+        content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(dict(a.metrics))})
         return Message(content=content, metadata=a.message.metadata)
 
     def _metrics(self, accepted: list[Accepted]) -> MetricRecord:
@@ -175,45 +245,59 @@ class UplinkMixin:
 
     @staticmethod
     def _as_metrics_only(a: Accepted) -> RecordDict:
-        metrics = MetricRecord(dict(a.message.content[METRICS_KEY]))
-        metrics[NUM_EXAMPLES_KEY] = a.num_examples
-        return RecordDict({METRICS_KEY: metrics})
+        return RecordDict({METRICS_KEY: MetricRecord(dict(a.metrics))})
 
     # -- validation --------------------------------------------------------------------------
-    def _accept(self, msg: Message) -> Accepted | None:
+    def _accept(self, msg: Message, server_round: int = 0) -> Accepted | None:
         """Validate one reply; log and drop it (None) if anything is wrong."""
         node = msg.metadata.src_node_id
         if msg.has_error():
             log(WARNING, "rejected reply from node %s: message error: %s", node, msg.error.reason)
             return None
         try:
-            num_examples = self._num_examples(msg)
+            metrics = self._checked_metrics(msg)
             record = msg.content.array_records.get(ARRAYS_KEY)
             if record is None:
                 raise PayloadError(None, ARRAYS_KEY, "reply carries no ArrayRecord 'arrays'")
             payload = record_to_payload(record)
             decoded = decode_payload(self.payload_kind, payload, self.spec, self.bounds)
+            if self.rule is not None:
+                self.rule.check(decoded, server_round)
         except PayloadError as exc:
             log(WARNING, "rejected reply from node %s: %s", node, exc)
             return None
-        dense = self.payload_kind == "dense"
-        return Accepted(msg, num_examples, wire_bytes(record), None if dense else decoded)
+        # Dense payloads keep their validated weights too: Flower averages those, never the
+        # reply's own record (which may hold raw Arrays Flower cannot read).
+        num_examples = int(metrics[NUM_EXAMPLES_KEY])
+        return Accepted(msg, num_examples, wire_bytes(record), decoded, metrics)
 
-    def _num_examples(self, msg: Message) -> int:
-        """`num-examples` must be a positive integer; claims above the cap count as the cap."""
-        metrics = msg.content.metric_records.get(METRICS_KEY)
-        if metrics is None:
+    def _checked_metrics(self, msg: Message) -> dict[str, int | float]:
+        """Finite scalar metrics and a positive integer `num-examples`, capped (or rejected).
+
+        Lists are refused: Flower's metric aggregation zips them across replies and raises on
+        unequal lengths, so one client could stop the round. Ints beyond float range would
+        raise in the same place.
+        """
+        record = msg.content.metric_records.get(METRICS_KEY)
+        if record is None:
             raise PayloadError(None, METRICS_KEY, "reply carries no MetricRecord 'metrics'")
+        metrics = dict(record)
         for key, value in metrics.items():
-            values = value if isinstance(value, list) else [value]
-            if not all(np.isfinite(v) for v in values):
-                raise PayloadError(None, f"metrics.{key}", f"value {value!r} is not finite")
+            if not _finite_number(value):
+                reason = f"value {value!r} is not allowed (a finite number, no list)"
+                raise PayloadError(None, f"metrics.{key}", reason)
         n = metrics.get(NUM_EXAMPLES_KEY)
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise PayloadError(
                 None, NUM_EXAMPLES_KEY, f"value {n!r} is not allowed (a positive integer)"
             )
         if n > self.max_num_examples:
+            if self.num_examples_policy == "reject":
+                reason = (
+                    f"value {n} is above max-num-examples={self.max_num_examples} "
+                    "(num-examples-policy 'reject')"
+                )
+                raise PayloadError(None, NUM_EXAMPLES_KEY, reason)
             log(
                 INFO,
                 "node %s claims %d examples; weighted as the cap %d",
@@ -221,7 +305,31 @@ class UplinkMixin:
                 n,
                 self.max_num_examples,
             )
-        return min(n, self.max_num_examples)
+        metrics[NUM_EXAMPLES_KEY] = min(n, self.max_num_examples)
+        return metrics
+
+
+def _finite_number(value: object) -> bool:
+    """An int or float that float arithmetic can weigh without overflowing or turning nan."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and abs(value) <= sys.float_info.max
+
+
+def _all_finite(record: ArrayRecord) -> bool:
+    return all(np.isfinite(value).all() for value in record_to_arrays(record).values())
+
+
+def _shared_metrics(accepted: list[Accepted]) -> list[Accepted]:
+    """Keep the metric keys every accepted reply has (always `num-examples`).
+
+    Flower's consistency check (dense path) raises when replies' metric keys differ, so one
+    client adding or dropping a metric would otherwise stop the round.
+    """
+    if not accepted:
+        return accepted
+    keys = set.intersection(*(set(a.metrics) for a in accepted))
+    return [replace(a, metrics={k: v for k, v in a.metrics.items() if k in keys}) for a in accepted]
 
 
 def build_strategy(
@@ -270,10 +378,10 @@ class FedBATStrategy(UplinkMixin, FedAvg):
 
 
 class SignMajorityStrategy(UplinkMixin, FedAvg):
-    """Weighted majority vote over sign payloads (`aggregator = "majority"`, any sign method).
+    """Majority vote over sign payloads (`aggregator = "majority"`, any sign method).
 
-    w <- w (+) alpha_l * sign(sum_k n_k sign_k), alpha_l the example-weighted mean alpha, ties
-    leave a coordinate unchanged (`wire.votes.majority_vote`, vectorised).
+    w <- w (+) median_k(alpha_kl) * sign(sum_k sign_k): one vote per client whatever its
+    `num-examples`, ties leave a coordinate unchanged (`wire.votes.majority_vote`, vectorised).
     """
 
     stream_mean = True
@@ -288,9 +396,37 @@ class SignMajorityStrategy(UplinkMixin, FedAvg):
 
     def _stream_mean(self, accepted: list[Accepted]) -> ArrayRecord:
         views = [a.decoded.view for a in accepted]  # type: ignore[union-attr]
-        delta = majority_vote(self.spec, views, [a.num_examples for a in accepted])
+        delta = majority_vote(self.spec, views)
+        return arrays_to_record(self.spec.apply(self.global_arrays, delta))
+
+
+class SignMedianStrategy(UplinkMixin, FedAvg):
+    """Coordinate-wise median of the decoded updates ``alpha_k * sign_k`` (any sign method).
+
+    `aggregator = "sign-median"`: robust to a minority of clients flipping their signs *and*
+    inflating alpha or `num-examples` (the median ignores example counts, as FedMedian does).
+    The same median as Flower's `fedmedian` on these replies, but straight from the packed
+    bits: no dense `w + update` message per client, memory ``K * max_l d_l`` float64 (one
+    tensor's K decoded copies at a time, `wire.votes.sign_median`).
+    """
+
+    stream_mean = True
+
+    def __init__(self, *, payload_kind: str, **kwargs: object) -> None:
+        if payload_kind not in SIGN_KINDS:
+            raise ValueError(
+                f"run-config 'aggregator' = 'sign-median' needs a sign payload; method payload "
+                f"kind {payload_kind!r} is not one of {SIGN_KINDS}"
+            )
+        super().__init__(payload_kind=payload_kind, **kwargs)  # type: ignore[arg-type]
+
+    def _stream_mean(self, accepted: list[Accepted]) -> ArrayRecord:
+        delta = sign_median(self.spec, [a.decoded.view for a in accepted])  # type: ignore[union-attr]
         return arrays_to_record(self.spec.apply(self.global_arrays, delta))
 
 
 # Aggregators that only exist for sign payloads (robust sign aggregation, issue 6).
-SIGN_AGGREGATORS: dict[str, type[FedAvg]] = {"majority": SignMajorityStrategy}
+SIGN_AGGREGATORS: dict[str, type[FedAvg]] = {
+    "majority": SignMajorityStrategy,
+    "sign-median": SignMedianStrategy,
+}

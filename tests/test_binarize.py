@@ -85,6 +85,24 @@ def test_gradients_match_eq8_eq9_in_all_regions() -> None:
     torch.testing.assert_close(alpha.grad.double(), (upstream.double() * ds_dalpha).sum())
 
 
+def test_gradients_on_channels_last_tensor() -> None:
+    """Eq. 8-9 on a channels_last conv weight (the layout the CPU trainer uses)."""
+    gen = torch.Generator().manual_seed(9)
+    m0 = torch.empty(16, 8, 3, 3).uniform_(-0.6, 0.6, generator=gen)
+    m = m0.contiguous(memory_format=torch.channels_last).requires_grad_()
+    upstream = torch.randn(16, 8, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last)
+    alpha = torch.tensor(ALPHA, requires_grad=True)
+    out = binarize(m, alpha, gen)
+    out.backward(upstream)
+
+    md, g = m0.double(), upstream.double()
+    inside = (md.abs() <= ALPHA).double()
+    ds_dalpha = (out.detach().double() / ALPHA) - inside * md / ALPHA  # Eq. 9, all regions
+    assert m.grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(m.grad.double(), g * inside)
+    torch.testing.assert_close(alpha.grad.double(), (g * ds_dalpha).sum(), rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_hand_computed_example() -> None:
     """Eq. 8-9 on a spelled-out case: alpha = 0.5, m = (-1, 0, 1), bit inside forced via noise."""
     m = torch.tensor([-1.0, 0.0, 1.0], requires_grad=True)

@@ -307,6 +307,20 @@ def test_attach_detach_restores_exact_weights_and_names() -> None:
         torch.testing.assert_close(p.detach(), values_before[k], rtol=0, atol=0)
 
 
+def test_attach_rejects_shared_and_repeated() -> None:
+    """Tied weights and a second attach are refused before the model is touched."""
+    lin = nn.Linear(3, 3)
+    tied = nn.Sequential(lin, nn.ReLU(), nn.Linear(3, 3))
+    tied[2].weight = lin.weight
+    with pytest.raises(ValueError, match="shared"):
+        attach_binarized_updates(tied, rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
+    assert type(tied[0]) is nn.Linear
+    model = _tiny_model()
+    attach_binarized_updates(model, rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
+    with pytest.raises(ValueError, match="already"):
+        attach_binarized_updates(model, rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
+
+
 def test_warmup_forward_is_w_plus_update() -> None:
     """Eq. 12: before binarization the parametrized weight is w + m (full precision)."""
     lin = nn.Linear(3, 2)

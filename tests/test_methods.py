@@ -346,23 +346,24 @@ def _vote_payload(signs: list[int], alpha: float, stat_sign: int) -> dict[str, n
     return encode_signs(VOTE_SPEC, bits, {"w": alpha, "bn.running_var": 0.5})
 
 
-VOTES = [  # (signs of w, alpha, sign of the statistic, examples)
-    ([+1, +1, -1, -1], 1.0, +1, 1),
-    ([+1, -1, +1, -1], 2.0, +1, 1),
-    ([-1, -1, +1, -1], 3.0, -1, 2),
+VOTES = [  # (signs of w, alpha, sign of the statistic)
+    ([+1, +1, -1, -1], 1.0, +1),
+    ([+1, -1, +1, -1], 2.0, +1),
+    ([-1, -1, +1, -1], 3.0, -1),
+    ([-1, +1, -1, -1], 90.0, -1),  # an outlier alpha does not set the step
 ]
-# votes: [1+1-2, 1-1-2, -1+1+2, -4] = [0, -2, 2, -4]; alpha = (1 + 2 + 2 * 3) / 4
-VOTE_DELTA = {"w": np.array([0.0, -2.25, 2.25, -2.25], np.float32), "bn.running_var": [0.0]}
+# one vote each: [0, 0, 0, -4] -> ties stay; alpha = median(1, 2, 3, 90) = 2.5
+VOTE_DELTA = {"w": np.array([0.0, 0.0, 0.0, -2.5], np.float32), "bn.running_var": [0.0]}
 
 
 def test_majority_vote_hand_example() -> None:
-    bounds = AlphaBounds(param=(0.0, 10.0))
-    views = [validate_signs(_vote_payload(s, a, st), VOTE_SPEC, bounds) for s, a, st, _ in VOTES]
-    out = majority_vote(VOTE_SPEC, views, [n for *_, n in VOTES])
+    bounds = AlphaBounds(param=(0.0, 100.0))
+    views = [validate_signs(_vote_payload(s, a, st), VOTE_SPEC, bounds) for s, a, st in VOTES]
+    out = majority_vote(VOTE_SPEC, views)
     np.testing.assert_array_equal(out["w"], VOTE_DELTA["w"])
     np.testing.assert_array_equal(out["bn.running_var"], VOTE_DELTA["bn.running_var"])  # tie
-    heavy = majority_vote(VOTE_SPEC, views, [1, 1, 10**9])  # rescaled integer weights
-    np.testing.assert_array_equal(np.sign(heavy["w"]), [-1, -1, 1, -1])
+    three = majority_vote(VOTE_SPEC, views[:3])  # votes [1, -1, 1, -3], alpha = 2
+    np.testing.assert_array_equal(three["w"], [2.0, -2.0, 2.0, -2.0])
 
 
 def _strategy(cls: type, kind: str):
@@ -382,8 +383,8 @@ def test_majority_strategy_applies_the_vote() -> None:
     strategy = _strategy(SignMajorityStrategy, "signs-unbounded")
     kind, bounds = "signs-unbounded", strategy.bounds
     accepted = [
-        Accepted(None, n, 0, decode_payload(kind, _vote_payload(s, a, st), VOTE_SPEC, bounds))  # type: ignore[arg-type]
-        for s, a, st, n in VOTES
+        Accepted(None, 10**6, 0, decode_payload(kind, _vote_payload(s, a, st), VOTE_SPEC, bounds))  # type: ignore[arg-type]
+        for s, a, st in VOTES
     ]
     new = record_to_arrays(strategy._stream_mean(accepted))
     np.testing.assert_allclose(new["w"], 1 + VOTE_DELTA["w"])

@@ -53,14 +53,23 @@ def test_method_round_trip_on_cnn4(name: str, partition) -> None:
     config = RunConfig(method=name, max_examples_per_client=64, local_epochs=1)
     server_round = 1
     initial = build_model_for(config)
-    global_record = arrays_to_record(state_arrays(initial))  # what the ServerApp sends
+    spec = model_spec(initial)
+    # What the ServerApp sends: the dense model, or a server rule's own downlink payload.
+    rule = get_method(name).server_rule(config, spec)
+    server_global = state_arrays(initial) if rule is None else rule.initial(state_arrays(initial))
+    global_record = (
+        arrays_to_record(server_global)
+        if rule is None
+        else payload_to_record(rule.downlink(server_global, server_round))
+    )
 
     # Client side, as client_app.train builds it.
     method = get_method(config.method)(config)
     seed = client_seed(config, server_round, PARTITION)
     device = torch.device("cpu")
     model = build_model_for(config)
-    global_state = record_to_arrays(global_record)
+    downlink = record_to_payload(global_record)
+    global_state = method.receive(downlink, spec, {})
     load_state(model, global_state)
     model = prepare_model(model, device)
     task = LocalTask(
@@ -75,6 +84,7 @@ def test_method_round_trip_on_cnn4(name: str, partition) -> None:
         seed=seed,
         server_round=server_round,
         state={},
+        downlink=downlink,
     )
     update = method.train(task)
     assert update.num_examples == 64
@@ -85,14 +95,19 @@ def test_method_round_trip_on_cnn4(name: str, partition) -> None:
         restored = record_to_arrays(arrays_to_record(task.state))
         assert set(restored) == set(task.state)
 
-    # Server side, as UplinkMixin._accept + _stream_mean / _as_dense do it.
-    spec = model_spec(build_model_for(config))
+    # Server side, as UplinkMixin._accept + _stream_mean / _as_dense (or the rule) do it.
     bounds = AlphaBounds(
         param=(config.alpha_min, config.alpha_max), stat=(0.0, config.stat_alpha_max)
     )
     decoded = decode_payload(method.payload_kind, record_to_payload(record), spec, bounds)
-    server_global = record_to_arrays(global_record)
-    new = decoded.delta() if decoded.absolute else spec.apply(server_global, decoded.delta())
+    if rule is not None:
+        rule.check(decoded, server_round)
+        new = rule.eval_arrays(rule.aggregate(server_global, [(64, decoded)], server_round))
+        server_global = rule.eval_arrays(server_global)
+    elif decoded.absolute:
+        new = decoded.delta()
+    else:
+        new = spec.apply(server_global, decoded.delta())
     assert set(new) == set(spec.names)
     for tensor_name, value in new.items():
         assert value.shape == spec[tensor_name].shape

@@ -8,7 +8,7 @@ payload kind's codec in `fedbat_flwr.wire`. Adding a method therefore edits no o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
+from ..server_rules import ServerRule
 from ..training import TensorBatches
 from ..wire import ModelSpec
 
@@ -36,6 +37,9 @@ class LocalTask:
     # Per-client memory that survives rounds (error feedback, virtual bits): numpy arrays by
     # name, stored by the ClientApp in Flower's `context.state`.
     state: MutableMapping[str, np.ndarray] = field(default_factory=dict)
+    # The downlink payload as received; `global_state` is what `Method.receive` made of it.
+    # Only methods whose downlink is not the dense model (FedBiF, FedPM) need to read it.
+    downlink: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,6 +71,26 @@ class Method(ABC):
         A method may map a key of its own onto it (signsgd: `sign-aggregation = "majority"`).
         """
         return config.aggregator
+
+    @classmethod
+    def server_rule(cls, config: RunConfig, spec: ModelSpec) -> ServerRule | None:
+        """The method's own server side (docs/ARCHITECTURE.md, "Methods"), or None: the dense
+        model goes down and the strategy averages the decoded replies."""
+        return None
+
+    def receive(
+        self,
+        payload: Mapping[str, np.ndarray],
+        spec: ModelSpec,
+        state: MutableMapping[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        """The model state (every spec tensor) this client starts from, out of the downlink.
+
+        Default: the payload is the dense global model. A method with a `server_rule` decodes
+        its own downlink here (validating it: PayloadError); ``state`` is the client's memory,
+        for a downlink that only makes sense against what the client kept.
+        """
+        return dict(payload)
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -102,6 +102,28 @@ def parametrized_weights(model: nn.Module, make: Callable[[], nn.Module]) -> Ite
     finally:
         for module, name in targets:
             parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+
+
+@contextmanager
+def parametrized_by_name(model: nn.Module, parts: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Inside the block each named parameter (``state_dict`` name) is seen through its own
+    module (`torch.nn.utils.parametrize`) and does not require grad itself; afterwards the plain
+    parameters are back, unchanged (FedBiF's bits, FedPM's masks)."""
+    modules = dict(model.named_modules())
+    targets = []
+    for name, part in parts.items():
+        module_name, _, attr = name.rpartition(".")
+        module = modules[module_name]
+        flag = getattr(module, attr).requires_grad
+        getattr(module, attr).requires_grad_(False)
+        parametrize.register_parametrization(module, attr, part)
+        targets.append((module, attr, flag))
+    try:
+        yield
+    finally:
+        for module, attr, flag in targets:
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+            getattr(module, attr).requires_grad_(flag)
 
 
 def option(config: RunConfig, key: str, default: T, ok: Callable[[T], bool], allowed: str) -> T:

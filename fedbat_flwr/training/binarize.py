@@ -24,7 +24,11 @@ from torch.autograd.function import FunctionCtx
 def sample_binarized(
     m: torch.Tensor, alpha: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Draw S(m, alpha) (Eq. 6-7); no autograd. ``alpha`` is a 0-dim tensor > 0."""
+    """Draw S(m, alpha) (Eq. 6-7); no autograd. ``alpha`` is a 0-dim tensor > 0.
+
+    The noise is drawn in m's memory order: a seeded generator reproduces the bits for the
+    same layout (a channels_last and a contiguous copy of m get different, equally valid draws).
+    """
     # zeta - 1/2 in one pass: uniform_(-0.5, 0.5) consumes the generator exactly like rand_like.
     r = torch.empty_like(m).uniform_(-0.5, 0.5, generator=generator)
     return torch.copysign(alpha, r.addcdiv_(m, 2 * alpha), out=r)
@@ -36,8 +40,19 @@ def straight_through_grads(
     """Gradients of sum(grad * S) for m (Eq. 8) and for the shared alpha (Eq. 9, summed)."""
     grad_m = torch.abs(m, out=torch.empty_like(m))
     grad_m = torch.le(grad_m, alpha, out=grad_m).mul_(grad)  # 1.0 inside [-alpha, alpha]
-    grad_alpha = (grad * s).addcmul_(grad_m, m, value=-1).sum() / alpha
+    grad_alpha = (_dot(grad, s) - _dot(grad_m, m)) / alpha
     return grad_m, grad_alpha
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) in one pass without a temporary when both share one dense layout."""
+    dense = a.is_contiguous() or (
+        a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last)
+    )
+    if dense and a.stride() == b.stride():  # same memory order: pair the flat storages
+        n = a.numel()
+        return torch.dot(a.as_strided((n,), (1,)), b.as_strided((n,), (1,)))
+    return (a * b).sum()
 
 
 class StochasticBinarize(torch.autograd.Function):

@@ -139,7 +139,7 @@ class BinarizedUpdate(nn.Module):
 
 
 def _keep_strides(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Give ``out`` the strides of ``like`` (a zero-cost copy on the small tensors it hits).
+    """Give ``out`` the strides of ``like`` (a copy, needed only for a few small tensors).
 
     Elementwise ops drop the channels_last hint of a conv weight with one input channel
     (strides of size-1 dims are ambiguous); oneDNN would then run that conv, and the layers after
@@ -163,25 +163,26 @@ def attach_binarized_updates(
     Base weights are frozen (``requires_grad=False``). Returns the updates keyed by the
     parameter's ``state_dict`` name before parametrization (e.g. ``"features.0.weight"``).
     """
-    targets = [
-        (module_name, module, name, param)
-        for module_name, module in model.named_modules()
-        for name, param in module.named_parameters(recurse=False)
-        if param.is_floating_point()
-    ]
+    if any(isinstance(m, BinarizedUpdate) for m in model.modules()):
+        raise ValueError("model already has binarized updates; detach them first")
+    targets: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}
     seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            key = f"{module_name}.{name}" if module_name else name
+            if not param.is_floating_point():
+                continue
+            if id(param) in seen:
+                raise ValueError(f"parameter {key!r} is shared between modules; not supported")
+            seen.add(id(param))
+            targets[key] = (module, name, param)
     layers: dict[str, BinarizedUpdate] = {}
-    for module_name, module, name, param in targets:
-        key = f"{module_name}.{name}" if module_name else name
-        if id(param) in seen:
-            raise ValueError(f"parameter {key!r} is shared with another module; not supported")
-        seen.add(id(param))
-        layer = BinarizedUpdate(
+    for key, (module, name, param) in targets.items():
+        layers[key] = BinarizedUpdate(
             param, rho=rho, alpha_min=alpha_min, alpha_max=alpha_max, generator=generator
         )
         param.requires_grad_(False)
-        parametrize.register_parametrization(module, name, layer)
-        layers[key] = layer
+        parametrize.register_parametrization(module, name, layers[key])
     return layers
 
 

@@ -1,5 +1,7 @@
 """Wire room: payload layouts, codecs and their validation. numpy only (no torch, no flwr)."""
 
+# Method-specific codecs (FedBiF, FedPM) register their payload kinds when imported.
+from fedbat_flwr.wire import fedbif, fedpm
 from fedbat_flwr.wire.binary import (
     BinaryWeightsPayload,
     encode_binary_weights,
@@ -57,6 +59,8 @@ __all__ = [
     "encode_kbit",
     "encode_signs",
     "encode_sparse",
+    "fedbif",
+    "fedpm",
     "is_binarized",
     "majority_vote",
     "pack_uint",

@@ -7,7 +7,7 @@ update (`delta`). A new codec registers here with `register_codec`; the strategy
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol
 
@@ -123,8 +123,50 @@ def validate_dense(
             )
         if not np.isfinite(value).all():
             raise PayloadError(t.name, "values", "non-finite values (allowed: finite float32)")
+        if t.domain == "log" and value.size and value.min() <= 0:
+            # The mean of positive variances stays positive; one client's 0 or -1 would not.
+            reason = f"value={float(value.min())!r} (allowed: > 0 for a variance)"
+            raise PayloadError(t.name, "values", reason)
         weights[t.name] = value
     return DenseWeights(weights)
+
+
+def check_stat_steps(
+    spec: ModelSpec, steps: Sequence[np.ndarray], bounds: AlphaBounds, field: str
+) -> None:
+    """Every BatchNorm-statistic entry of an update is at most the run's stat bound in size.
+
+    Only 1-bit payloads have an alpha to bound; k-bit and sparse updates carry raw values, so a
+    statistic's update is checked here (``steps[i]``: values whose sizes bound how far
+    ``spec.tensors[i]`` moves). Without it one client could send a log-variance update of
+    1e30 and ``w * exp(p * 1e30)`` would overflow the global model to inf.
+    """
+    for t, step in zip(spec, steps, strict=True):
+        hi = np.float32(bounds.for_tensor(t)[1])
+        if t.kind == "stat" and step.size and np.abs(step).max() > hi:
+            reason = (
+                f"|update|={float(np.abs(step).max()):.7g} is out of range "
+                f"(allowed: within [0, {float(hi):g}], the run's stat-alpha-max)"
+            )
+            raise PayloadError(t.name, field, reason)
+
+
+def _decode_kbit(
+    payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
+) -> KbitDecoded:
+    """A k-bit update: |q| <= its tensor's scale, so a statistic's scale is what is bounded."""
+    view = validate_kbit(payload, spec)
+    check_stat_steps(spec, [s.reshape(1) for s in view.scales], bounds, "scales")
+    return KbitDecoded(view)
+
+
+def _decode_sparse(
+    payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
+) -> SparseDecoded:
+    """A sparse update: its kept values are the update, so a statistic's values are bounded."""
+    view = validate_sparse(payload, spec)
+    check_stat_steps(spec, list(view.values), bounds, "values")
+    return SparseDecoded(view)
 
 
 def _decode_signs_unbounded(
@@ -144,9 +186,9 @@ SIGN_KINDS = ("signs", "signs-unbounded")
 register_codec("signs", _decode_signs)
 register_codec("signs-unbounded", _decode_signs_unbounded)
 register_codec("dense", validate_dense)
-# Their own validation covers every field; the run's alpha bounds only concern sign payloads.
-register_codec("kbit", lambda payload, spec, _: KbitDecoded(validate_kbit(payload, spec)))
-register_codec("sparse", lambda payload, spec, _: SparseDecoded(validate_sparse(payload, spec)))
+# Their own validation covers every field; of the run's bounds only the stat bound applies.
+register_codec("kbit", _decode_kbit)
+register_codec("sparse", _decode_sparse)
 register_codec(
     "binary-weights",
     lambda payload, spec, _: BinaryWeightsDecoded(validate_binary_weights(payload, spec)),

@@ -1,0 +1,316 @@
+"""FedBiF (bits freezing): every client trains only the activated bit of each m-bit weight.
+
+Server (`FedBiFRule`): each round it quantizes the global model's conv / linear weights to m bits
+(Eq. 5, stochastic rounding seeded by (seed, round)) and sends the packed integers with one alpha
+per tensor, ~m bits per parameter down (`wire.fedbif`). After the round, Eq. 6:
+
+    theta_l <- alpha_l * (sum_k p_k sum_{i in S} 2^i b_ilk + sum_{j not in S} 2^j b_jl - 2^(m-1))
+
+with p_k = n_k / sum n (the paper's 1/|C| when clients hold equal data).
+
+Client (`FedBiF.train`): the weight is seen through `torch.nn.utils.parametrize` as
+``alpha * (sum_i 2^i b_i - 2^(m-1))`` with the activated bits b_i = h(v_i) of real-valued
+virtual bits v_i (forward: step h(v) = [v > 0], backward: straight-through) and every other bit
+frozen at its received value. Virtual bits inheritance (VBI): the magnitudes of the client's
+virtual bits from its last round (Kaiming-initialised at first) get the signs of the received
+bits. Only the activated bits travel up: 1 bit per weight per activated bit.
+
+The activated bits come from a selector all clients and the server share: "cycle" walks through
+the bits without overlap, most significant first (m = 4, one bit: 3, 2, 1, 0, 3, ...); "random"
+draws them from a generator seeded by (seed, round).
+
+BatchNorm (decided, docs/ARCHITECTURE.md): its affine parameters and running statistics (and any
+1-D bias) are not bit-trained -- a 4-bit zero-centred grid cannot hold weights near 1, and a
+zero-initialised bias would get alpha = 0 and never move. They go down as float16 and come back
+as sign(update) with alpha = mean |update|, trained in full precision locally, as every 1-bit
+method here sends BatchNorm statistics. On CNN4 that is 0.5% of the entries.
+
+Keys: `fedbif-bits` (m, default 4), `fedbif-active-bits` (default 1), `fedbif-selector`
+("cycle" | "random"). The paper trains 5 local epochs (`local-epochs = 5`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..server_rules import ServerRule, expect, require_fedavg, weights_of
+from ..training import run_sgd
+from ..training.parametrize import _keep_strides as keep_strides  # channels_last
+from ..wire import Decoded, ModelSpec, PayloadError
+from ..wire.binary import split_spec
+from ..wire.fedbif import (
+    FedBiFBitsDecoded,
+    FedBiFModel,
+    bit_planes,
+    encode_fedbif_bits,
+    encode_fedbif_model,
+    quantize_eq5,
+    validate_fedbif_model,
+)
+from ..wire.kbit import MAX_BITS
+from .base import ClientUpdate, LocalTask, Method, register
+from .common import local_delta, option, parametrized_by_name
+
+SELECTORS = ("cycle", "random")
+STATE_PREFIX = "virtual-bits/"
+MIN_MAGNITUDE = 1e-6  # a virtual bit of magnitude 0 would read as b = 0 whatever it received
+
+
+def active_bits(
+    selector: str, bits: int, count: int, seed: int, server_round: int
+) -> tuple[int, ...]:
+    """The bits every client trains in ``server_round`` (ascending)."""
+    if selector == "cycle":
+        start = bits - 1 - ((server_round - 1) * count) % bits
+        chosen = {(start - j) % bits for j in range(count)}
+    else:
+        rng = np.random.default_rng([seed, server_round])
+        chosen = {int(i) for i in rng.choice(bits, size=count, replace=False)}
+    return tuple(sorted(chosen))
+
+
+# --- client: the parametrization and virtual bits -----------------------------------------
+
+
+class ActiveBits(nn.Module):
+    """``w + alpha * sum_j 2^(i_j) (h(v_j) - b_j)``: the received weight w = alpha * q with its
+    activated bits b replaced by the steps of their virtual bits v (straight-through)."""
+
+    def __init__(self, virtual: torch.Tensor, received: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.virtual = nn.Parameter(virtual)
+        self.register_buffer("received", received)
+        self.register_buffer("scales", scales.reshape(-1, *([1] * (virtual.dim() - 1))))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        v = self.virtual
+        step = v + ((v > 0).to(v.dtype) - v).detach()
+        change = (self.scales * (step - self.received)).sum(0)
+        return keep_strides(w + change, w)
+
+
+def inherit(
+    previous: np.ndarray | None, planes: np.ndarray, fresh: np.ndarray | None = None
+) -> np.ndarray:
+    """VBI: the magnitudes of last round's virtual bits (``fresh`` at first), signed by the
+    received bits ``planes`` (m, ...), so h(v) reproduces the received integer exactly."""
+    if previous is not None and previous.shape != planes.shape:
+        raise ValueError(
+            f"virtual bits have shape {previous.shape}, the received bits {planes.shape}: "
+            "the client state belongs to another model or bit width"
+        )
+    source = previous if previous is not None else fresh
+    if source is None:
+        raise ValueError("a client's first round needs fresh (Kaiming) magnitudes")
+    magnitude = np.maximum(np.abs(source), MIN_MAGNITUDE)
+    return np.where(planes, magnitude, -magnitude).astype(np.float32)
+
+
+def kaiming_magnitudes(shape: Sequence[int], bits: int, generator: torch.Generator) -> np.ndarray:
+    """|N(0, 2 / fan_in)| for each of the m virtual bits of a weight of ``shape``."""
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    draws = torch.randn((bits, *shape), generator=generator) * (2.0 / fan_in) ** 0.5
+    return draws.abs().numpy()
+
+
+# --- the method ---------------------------------------------------------------------------
+
+
+@register
+class FedBiF(Method):
+    """Bits freezing: train and send the activated bits; the server applies Eq. 6."""
+
+    name = "fedbif"
+    payload_kind = "fedbif-bits"
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config)
+        self.bits, self.count, self.selector = fedbif_options(config)
+
+    @classmethod
+    def server_rule(cls, config: RunConfig, spec: ModelSpec) -> ServerRule:
+        require_fedavg(config)
+        return FedBiFRule(spec, *fedbif_options(config), seed=config.seed)
+
+    def receive(
+        self,
+        payload: Mapping[str, np.ndarray],
+        spec: ModelSpec,
+        state: MutableMapping[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        return self._model(payload, spec).weights()
+
+    def train(self, task: LocalTask) -> ClientUpdate:
+        received = self._model(task.downlink, task.spec)
+        active = active_bits(
+            self.selector, self.bits, self.count, self.config.seed, task.server_round
+        )
+        parts = self._parts(task, received, active)
+        quantized = set(parts)
+        others = [p for n, p in task.model.named_parameters() if n not in quantized]
+        with parametrized_by_name(task.model, parts):
+            trainable = [part.virtual for part in parts.values()] + others
+            _, loss = run_sgd(
+                task.model,
+                trainable,
+                task.batches,
+                epochs=self.config.local_epochs,
+                lr=self.config.lr,
+                device=task.device,
+            )
+        planes, flipped = {}, 0.0
+        for name, part in parts.items():
+            trained = part.virtual.detach().cpu().numpy()
+            planes[name] = trained > 0
+            flipped += float((planes[name] != part.received.cpu().numpy().astype(bool)).sum())
+            stored = task.state[STATE_PREFIX + name]
+            stored[list(active)] = trained
+        payload = self._encode(task, active, planes)
+        total = sum(p.virtual.numel() for p in parts.values())
+        metrics = {"train-loss": loss, "flipped-bits": flipped / max(total, 1)}
+        return ClientUpdate(payload, task.batches.num_examples, metrics)
+
+    def _model(self, payload: Mapping[str, np.ndarray], spec: ModelSpec) -> FedBiFModel:
+        model = validate_fedbif_model(payload, spec)
+        if model.bits != self.bits:
+            raise PayloadError(None, "header", f"bits={model.bits} (run config: {self.bits})")
+        return model
+
+    def _parts(
+        self, task: LocalTask, received: FedBiFModel, active: tuple[int, ...]
+    ) -> dict[str, ActiveBits]:
+        """One `ActiveBits` per weight; the full virtual bits (VBI) go to ``task.state``."""
+        generator = torch.Generator().manual_seed(task.seed)
+        parts = {}
+        for name, codes in received.codes.items():
+            planes = bit_planes(codes, self.bits)
+            previous = task.state.get(STATE_PREFIX + name)
+            fresh = (
+                None
+                if previous is not None
+                else kaiming_magnitudes(codes.shape, self.bits, generator)
+            )
+            virtual = inherit(previous, planes, fresh)
+            task.state[STATE_PREFIX + name] = virtual
+            scales = torch.tensor([received.alphas[name] * 2.0**i for i in active])
+            parts[name] = ActiveBits(
+                torch.from_numpy(virtual[list(active)].copy()).to(task.device),
+                torch.from_numpy(planes[list(active)].astype(np.float32)).to(task.device),
+                scales.to(task.device),
+            )
+        return parts
+
+    def _encode(
+        self, task: LocalTask, active: tuple[int, ...], planes: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """The activated bits, and sign(update) + mean |update| for the other tensors."""
+        _, others = split_spec(task.spec)
+        delta = local_delta(task)
+        signs = {t.name: delta[t.name] >= 0 for t in others}
+        alphas = {t.name: float(np.abs(delta[t.name]).mean()) if t.size else 0.0 for t in others}
+        return encode_fedbif_bits(task.spec, self.bits, active, planes, signs, alphas)
+
+
+def fedbif_options(config: RunConfig) -> tuple[int, int, str]:
+    """(m, activated bits per round, selector), checked once."""
+    bits = option(
+        config, "fedbif-bits", 4, lambda m: 2 <= m <= MAX_BITS, f"an integer in [2, {MAX_BITS}]"
+    )
+    count = option(
+        config,
+        "fedbif-active-bits",
+        1,
+        lambda s: 1 <= s <= bits,
+        f"an integer in [1, fedbif-bits = {bits}]",
+    )
+    selector = option(
+        config, "fedbif-selector", "cycle", SELECTORS.__contains__, ", ".join(SELECTORS)
+    )
+    return bits, count, selector
+
+
+# --- server -------------------------------------------------------------------------------
+
+
+class FedBiFRule(ServerRule):
+    """Quantized downlink (Eq. 5) and bit aggregation (Eq. 6); the global arrays are weights."""
+
+    def __init__(self, spec: ModelSpec, bits: int, count: int, selector: str, *, seed: int) -> None:
+        self.spec = spec
+        self.bits, self.count, self.selector, self.seed = bits, count, selector, seed
+
+    def active(self, server_round: int) -> tuple[int, ...]:
+        return active_bits(self.selector, self.bits, self.count, self.seed, server_round)
+
+    def downlink(
+        self, global_arrays: Mapping[str, np.ndarray], server_round: int
+    ) -> dict[str, np.ndarray]:
+        """Eq. 5 per weight tensor, with a generator seeded by (seed, round): `aggregate`
+        recomputes exactly what the clients received."""
+        rng = np.random.default_rng([self.seed, server_round])
+        quantized, others = split_spec(self.spec)
+        codes, alphas = {}, {}
+        for t in quantized:
+            codes[t.name], alphas[t.name] = quantize_eq5(global_arrays[t.name], self.bits, rng)
+        dense = {t.name: global_arrays[t.name] for t in others}
+        return encode_fedbif_model(self.spec, codes, alphas, dense, self.bits)
+
+    def check(self, decoded: Decoded, server_round: int) -> None:
+        expect(isinstance(decoded, FedBiFBitsDecoded), "payload", "not a fedbif-bits payload")
+        view = decoded.view  # type: ignore[attr-defined]
+        expect(view.bits == self.bits, "header", f"bits={view.bits} (this run: {self.bits})")
+        expected = self.active(server_round)
+        reason = f"active bits {list(view.active)} (round {server_round} trains {list(expected)})"
+        expect(view.active == expected, "header", reason)
+
+    def aggregate(
+        self,
+        global_arrays: Mapping[str, np.ndarray],
+        accepted: Sequence[tuple[int, Decoded]],
+        server_round: int,
+    ) -> dict[str, np.ndarray]:
+        sent = validate_fedbif_model(self.downlink(global_arrays, server_round), self.spec)
+        acc = {t.name: np.zeros(t.shape, np.float32) for t in self.spec}
+        weights = weights_of(accepted)
+        for weight, (_, decoded) in zip(weights, accepted, strict=True):
+            decoded.accumulate(acc, weight)
+        for name in sent.codes:  # exact where all clients agree: a pruned weight stays 0.0
+            acc[name] = mean_active_value(name, weights, accepted).reshape(acc[name].shape)
+        frozen = [i for i in range(self.bits) if i not in self.active(server_round)]
+        half = float(1 << (self.bits - 1))
+        new = {}
+        for t in self.spec:
+            if t.name in sent.codes:
+                planes = bit_planes(sent.codes[t.name], self.bits)
+                kept = sum(
+                    (float(1 << j) * planes[j] for j in frozen), np.zeros(t.shape, np.float32)
+                )
+                new[t.name] = np.float32(sent.alphas[t.name]) * (acc[t.name] + kept - half)
+            elif t.domain == "log":
+                new[t.name] = sent.dense[t.name] * np.exp(acc[t.name])
+            else:
+                new[t.name] = sent.dense[t.name] + acc[t.name]
+        return {k: v.astype(np.float32) for k, v in new.items()}
+
+    def eval_metrics(self, global_arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Fraction of exactly-zero weights (q = 0 at every client: pruned, paper Sec. 4.4)."""
+        quantized, _ = split_spec(self.spec)
+        zeros = sum(int((global_arrays[t.name] == 0).sum()) for t in quantized)
+        return {"model_sparsity": zeros / max(quantized.num_params, 1)}
+
+
+def mean_active_value(
+    name: str, weights: Sequence[float], accepted: Sequence[tuple[int, Decoded]]
+) -> np.ndarray:
+    """``sum_k p_k sum_{i in S} 2^i b_ik`` of one tensor (flat), summed in float64 and rounded
+    once, so that clients that agree give an exact integer (float32 sums of p_k = 0.1 do not)."""
+    views = [decoded.view for _, decoded in accepted]  # type: ignore[attr-defined]
+    total = np.zeros(views[0].spec[name].size, np.float64)
+    for weight, view in zip(weights, views, strict=True):
+        total += weight * view.active_value(name).astype(np.float64)
+    return total.astype(np.float32)

@@ -1,0 +1,295 @@
+"""FedPM (Isik et al., ICLR 2023): clients train a Bernoulli mask over frozen random weights.
+
+The weights never travel: every client and the server rebuild the same random network from the
+run's seed (`reference_weights`: the configured model, conv / linear weights drawn as +-c with
+c = e / sqrt(fan_in), the authors' "ME_init"). Per conv / linear weight entry the clients train a
+real-valued score s; theta = sigmoid(s) is the probability of keeping the weight. The forward
+pass uses ``w_init * m`` with a fresh sample m ~ Bernoulli(theta) (`torch.nn.utils.parametrize`)
+and the straight-through gradient d m / d theta = 1. Scores are trained with Adam (`fedpm-lr`,
+0.1 as in the authors' code), initialised from the received theta.
+
+Uplink: one mask sampled from the final theta, 1 bit per weight (`wire.fedpm`), or range-coded
+below 1 bit when the mask is sparse (`fedpm-entropy-coding = true`). Optional regulariser
+(`fedpm-reg`, default 0 = plain FedPM): ``reg * mean(theta)``, the expected density of the sent
+mask, a differentiable proxy of its entropy while the density is below 1/2 -- it pushes masks
+sparse, which the range coder turns into fewer bits.
+
+Server (`FedPMRule`), Bayesian aggregation: per entry a Beta(a, b) posterior, reset to
+Beta(1, 1) every `fedpm-prior-reset` rounds (default 1: every round, as the authors' code does;
+their paper resets less often under partial participation), ``a += sum_k m_k``,
+``b += K - sum_k m_k`` and theta = a / (a + b), the posterior *mean* (the authors' code uses the
+mode (a-1)/(a+b-2), which with a reset every round is the plain mean of the masks and can reach
+0 or 1 exactly -- an infinite score no client can move again). Downlink: theta as float16
+(16 bits per weight) plus the running statistics.
+
+BatchNorm (decided): affine parameters stay frozen at torch's initialisation (weight 1, bias 0,
+as the authors' mask networks have no learnable normalisation); the running statistics are
+re-estimated by the clients and sent 1-bit (sign(update), alpha = mean |update|) like every
+1-bit method here, and float16 down.
+
+The server evaluates ``w_init * m`` with one mask drawn from theta by uniforms fixed for the run
+(the final model is "a seed and a mask"); `model_sparsity` is its fraction of zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, MutableMapping, Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import RunConfig
+from ..server_rules import ServerRule, expect, require_fedavg, weights_of
+from ..task import build_model_for, state_arrays
+from ..training import input_memory_format
+from ..training.parametrize import _keep_strides as keep_strides  # channels_last
+from ..wire import Decoded, ModelSpec
+from ..wire.fedpm import (
+    FedPMDecoded,
+    encode_fedpm_mask,
+    encode_fedpm_probs,
+    fedpm_groups,
+    validate_fedpm_probs,
+)
+from .base import ClientUpdate, LocalTask, Method, register
+from .common import local_delta, option, parametrized_by_name
+
+THETA_EPS = 1e-3  # received theta is clipped into [eps, 1 - eps] before taking its logit
+
+
+@lru_cache(maxsize=4)
+def _reference(model: str, dataset: str, resnet_width: int, seed: int) -> dict[str, np.ndarray]:
+    config = RunConfig(model=model, dataset=dataset, resnet_width=resnet_width, seed=seed)
+    net = build_model_for(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() >= 2:
+                c = math.e / math.sqrt(p[0].numel())  # fan_in = in_channels * kernel size
+                signs = torch.randint(0, 2, p.shape, generator=generator) * 2 - 1
+                p.copy_(c * signs)
+    arrays = state_arrays(net)
+    for a in arrays.values():
+        a.flags.writeable = False
+    return arrays
+
+
+def reference_weights(config: RunConfig) -> dict[str, np.ndarray]:
+    """The frozen random network of this run (read-only arrays; never transmitted)."""
+    return _reference(config.model, config.dataset, config.resnet_width, config.seed)
+
+
+class SampledMask(nn.Module):
+    """``w * m``, m ~ Bernoulli(sigmoid(score)) drawn anew every forward pass; straight-through
+    gradient, so d out / d score = w * sigmoid'(score)."""
+
+    def __init__(self, score: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.score = nn.Parameter(score)
+        self.generator = generator
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        theta = torch.sigmoid(self.score)
+        sample = torch.bernoulli(theta.detach(), generator=self.generator)
+        mask = theta + (sample - theta).detach()
+        return keep_strides(w * mask, w)
+
+
+def train_scores(task: LocalTask, scores: Sequence[torch.Tensor], lr: float, reg: float) -> float:
+    """Adam on the scores for `local-epochs` passes; loss = cross-entropy + reg * mean(theta).
+    Returns the mean cross-entropy."""
+    optimizer = torch.optim.Adam(scores, lr=lr)
+    batches = task.batches.to(task.device, input_memory_format(task.model))
+    count = sum(s.numel() for s in scores)
+    task.model.train()
+    loss_sum, steps = torch.zeros((), device=task.device), 0
+    for _ in range(task.config.local_epochs):
+        for x, y in batches:
+            ce = F.cross_entropy(task.model(x), y)
+            loss = ce
+            if reg:
+                loss = ce + reg * sum(torch.sigmoid(s).sum() for s in scores) / count
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += ce.detach()
+            steps += 1
+    return float(loss_sum) / max(steps, 1)
+
+
+@register
+class FedPM(Method):
+    """Probabilistic mask training; Bayesian aggregation of sampled masks on the server."""
+
+    name = "fedpm"
+    payload_kind = "fedpm-mask"
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config)
+        finite_pos = "a finite float > 0"
+        self.lr = option(config, "fedpm-lr", 0.1, lambda v: math.isfinite(v) and v > 0, finite_pos)
+        self.reg = option(config, "fedpm-reg", 0.0, lambda v: math.isfinite(v) and v >= 0, ">= 0")
+        self.coded = option(config, "fedpm-entropy-coding", False, lambda v: True, "true, false")
+        self.reset = prior_reset(config)
+
+    @classmethod
+    def server_rule(cls, config: RunConfig, spec: ModelSpec) -> ServerRule:
+        require_fedavg(config)
+        return FedPMRule(spec, reference_weights(config), prior_reset(config), seed=config.seed)
+
+    def receive(
+        self,
+        payload: Mapping[str, np.ndarray],
+        spec: ModelSpec,
+        state: MutableMapping[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        """The frozen reference network with the received running statistics."""
+        stats = validate_fedpm_probs(payload, spec).stats
+        reference = reference_weights(self.config)
+        return {t.name: np.array(stats.get(t.name, reference[t.name])) for t in spec}
+
+    def train(self, task: LocalTask) -> ClientUpdate:
+        theta = validate_fedpm_probs(task.downlink, task.spec).theta
+        generator = torch.Generator(device=task.device).manual_seed(task.seed)
+        for p in task.model.parameters():
+            p.requires_grad_(False)
+        parts = {name: SampledMask(_score(t, task.device), generator) for name, t in theta.items()}
+        with parametrized_by_name(task.model, parts):
+            loss = train_scores(task, [p.score for p in parts.values()], self.lr, self.reg)
+        masks = {}
+        for name, part in parts.items():
+            probs = torch.sigmoid(part.score.detach())
+            masks[name] = torch.bernoulli(probs, generator=generator).bool().cpu().numpy()
+        for p in task.model.parameters():
+            p.requires_grad_(True)
+        payload = self._encode(task, masks)
+        density = sum(int(m.sum()) for m in masks.values()) / max(
+            sum(m.size for m in masks.values()), 1
+        )
+        return ClientUpdate(
+            payload, task.batches.num_examples, {"train-loss": loss, "mask-density": density}
+        )
+
+    def _encode(self, task: LocalTask, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        _, stats = fedpm_groups(task.spec)
+        delta = local_delta(task)
+        signs = {t.name: delta[t.name] >= 0 for t in stats}
+        alphas = {t.name: float(np.abs(delta[t.name]).mean()) if t.size else 0.0 for t in stats}
+        return encode_fedpm_mask(task.spec, masks, signs, alphas, coded=self.coded)
+
+
+def _score(theta: np.ndarray, device: torch.device) -> torch.Tensor:
+    """logit(theta), theta clipped into [eps, 1 - eps] so the score is finite."""
+    clipped = np.clip(theta, THETA_EPS, 1.0 - THETA_EPS).astype(np.float32)
+    return torch.logit(torch.from_numpy(clipped)).to(device)
+
+
+def prior_reset(config: RunConfig) -> int:
+    return option(config, "fedpm-prior-reset", 1, lambda r: r >= 1, "an integer >= 1")
+
+
+# --- server -------------------------------------------------------------------------------
+
+
+class FedPMRule(ServerRule):
+    """Beta posteriors per masked entry; the global arrays hold theta (masked tensors), the
+    running statistics and the frozen tensors."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        reference: Mapping[str, np.ndarray],
+        prior_reset: int,
+        *,
+        seed: int,
+        prior: float = 1.0,
+    ) -> None:
+        self.spec = spec
+        self.masked, self.stats = fedpm_groups(spec)
+        self.reference = reference
+        self.prior_reset, self.prior = prior_reset, prior
+        self.a = {t.name: np.full(t.shape, prior, np.float32) for t in self.masked}
+        self.b = {t.name: np.full(t.shape, prior, np.float32) for t in self.masked}
+        rng = np.random.default_rng([seed, 0xF3D])  # the run's fixed uniforms for evaluation
+        self.uniforms = {t.name: rng.random(t.shape, dtype=np.float32) for t in self.masked}
+
+    def initial(self, model_arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """theta = 1/2 everywhere; everything else from the reference network."""
+        out = {t.name: np.array(self.reference[t.name], np.float32) for t in self.spec}
+        out.update({t.name: np.full(t.shape, 0.5, np.float32) for t in self.masked})
+        return out
+
+    def downlink(
+        self, global_arrays: Mapping[str, np.ndarray], server_round: int
+    ) -> dict[str, np.ndarray]:
+        theta = {t.name: global_arrays[t.name] for t in self.masked}
+        stats = {t.name: global_arrays[t.name] for t in self.stats}
+        return encode_fedpm_probs(self.spec, theta, stats)
+
+    def check(self, decoded: Decoded, server_round: int) -> None:
+        expect(isinstance(decoded, FedPMDecoded), "payload", "not a fedpm-mask payload")
+
+    def aggregate(
+        self,
+        global_arrays: Mapping[str, np.ndarray],
+        accepted: Sequence[tuple[int, Decoded]],
+        server_round: int,
+    ) -> dict[str, np.ndarray]:
+        if (server_round - 1) % self.prior_reset == 0:
+            self.reset_prior()
+        ones = {t.name: np.zeros(t.shape, np.float32) for t in self.masked}
+        for _, decoded in accepted:
+            decoded.add_masks(ones, 1.0)  # type: ignore[attr-defined]
+        new = dict(global_arrays)
+        for t in self.masked:
+            self.a[t.name] += ones[t.name]
+            self.b[t.name] += len(accepted) - ones[t.name]
+            new[t.name] = self.a[t.name] / (self.a[t.name] + self.b[t.name])
+        sent = validate_fedpm_probs(self.downlink(global_arrays, server_round), self.spec).stats
+        acc = {t.name: np.zeros(t.shape, np.float32) for t in self.stats}
+        for weight, (_, decoded) in zip(weights_of(accepted), accepted, strict=True):
+            decoded.add_stats(acc, weight)  # type: ignore[attr-defined]
+        stat_spec = self.stats
+        new.update(stat_spec.apply(sent, acc))
+        return {k: np.asarray(v, np.float32) for k, v in new.items()}
+
+    def reset_prior(self) -> None:
+        for t in self.masked:
+            self.a[t.name].fill(self.prior)
+            self.b[t.name].fill(self.prior)
+
+    def eval_mask(self, global_arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {t.name: self.uniforms[t.name] < global_arrays[t.name] for t in self.masked}
+
+    def eval_arrays(self, global_arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``w_init * m`` for masked tensors, the statistics, the frozen reference tensors."""
+        out = {t.name: np.asarray(global_arrays[t.name], np.float32) for t in self.spec}
+        for name, mask in self.eval_mask(global_arrays).items():
+            out[name] = self.reference[name] * mask
+        return out
+
+    def eval_metrics(self, global_arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+        masks = self.eval_mask(global_arrays).values()
+        zeros = sum(int(m.size - m.sum()) for m in masks)
+        return {"model_sparsity": zeros / max(self.masked.num_params, 1)}
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {
+            **{f"beta-a/{k}": v for k, v in self.a.items()},
+            **{f"beta-b/{k}": v for k, v in self.b.items()},
+        }
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        expected = set(self.state())
+        if set(state) != expected:
+            raise ValueError(f"FedPM state keys {sorted(state)} are not {sorted(expected)}")
+        for t in self.masked:
+            for prefix, target in (("beta-a/", self.a), ("beta-b/", self.b)):
+                value = np.asarray(state[prefix + t.name], np.float32)
+                if value.shape != t.shape:
+                    raise ValueError(f"{prefix}{t.name}: shape {value.shape} (allowed: {t.shape})")
+                target[t.name] = value.copy()

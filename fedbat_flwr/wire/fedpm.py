@@ -1,0 +1,365 @@
+"""FedPM wire formats: mask probabilities down, one sampled binary mask per client up.
+
+FedPM (Isik et al., ICLR 2023) freezes the weights at a seeded random initialisation and trains a
+Bernoulli mask over them. Tensors fall in three groups (all from the server's spec):
+
+- masked: conv / linear weights (``is_binarized``): theta down, a sampled mask up;
+- statistics: BatchNorm running statistics, re-estimated by every client's forward passes:
+  float16 down, one sign bit + one step up (as every 1-bit method here sends them);
+- frozen: every other parameter (BatchNorm affine, 1-D biases) stays at its initialisation on
+  both sides and never travels.
+
+Downlink (codec id 18, version 1):
+
+======== ======= ====== ================================================================
+key      dtype   shape  content
+======== ======= ====== ================================================================
+header   uint8   (4,)   ``b"FB"``, 18, version 1
+theta    float16 (M,)   masked tensors' probabilities, flattened, spec order; in [0, 1]
+stats    float16 (S,)   the statistics (``wire.half``)
+======== ======= ====== ================================================================
+
+Uplink, packed (codec id 19, version 1) -- ``mask`` is 1 bit per masked entry:
+
+======== ======= ====== ================================================================
+header   uint8   (4,)   ``b"FB"``, 19, version 1
+masks    uint8   (B,)   per masked tensor ``np.packbits(mask, bitorder="little")``, byte-
+                        aligned per tensor, pad bits 0
+signs    uint8   (S,)   statistics' update signs, exactly as ``signs.py``
+alphas   float32 (Ls,)  one step per statistic: mean |update|, within the stat bounds
+======== ======= ====== ================================================================
+
+Uplink, range-coded (codec id 20, version 1) -- below 1 bit per entry when masks are sparse.
+Each masked tensor's mask is coded as i.i.d. Bernoulli(p) with ``p = ones / d`` (its own
+frequency of ones, so the cost is ~ d * H(p) bits + <= 64 bits of termination) by
+``constriction``'s range coder (queue semantics, ``Bernoulli(p, perfect=False)``):
+
+======== ======= ======= ===============================================================
+header   uint8   (4,)    ``b"FB"``, 20, version 1
+counts   uint32  (2, Lm) row 0: ones per masked tensor (<= d); row 1: 32-bit words of its
+                         code (0 when the mask is constant, <= d/32 + 16 otherwise)
+code     uint32  (W,)    the tensors' codes back to back; W = sum(row 1)
+signs    uint8   (S,)    as in the packed layout
+alphas   float32 (Ls,)   as in the packed layout
+======== ======= ======= ===============================================================
+
+A code that does not decode, or decodes to a mask with another number of ones, is rejected.
+The decoded "update" of a masked tensor is the mask itself (0/1), of a statistic
+``alpha * (±1)``: only the FedPM server rule combines them (Beta counts, averaged stats).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from fedbat_flwr.wire.binary import is_binarized
+from fedbat_flwr.wire.codecs import register_codec
+from fedbat_flwr.wire.errors import PayloadError
+from fedbat_flwr.wire.fields import (
+    FLOAT32_MAX,
+    check_fields,
+    check_header,
+    check_length,
+    check_names,
+    check_pad_bits,
+    check_weight,
+    flat_target,
+    make_header,
+    read_only_copy,
+    split_by,
+)
+from fedbat_flwr.wire.half import encode_half, validate_half
+from fedbat_flwr.wire.signs import (
+    SIGNS_CODEC_ID,
+    SIGNS_VERSION,
+    SignsPayload,
+    accumulate_signs,
+    encode_signs,
+    validate_signs,
+)
+from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec
+
+FEDPM_PROBS_ID = 18
+FEDPM_MASK_ID = 19
+FEDPM_CODED_ID = 20
+FEDPM_VERSION = 1
+SLACK_WORDS = 16  # code words allowed beyond d/32 (termination + probability rounding)
+_U8, _U32 = np.dtype(np.uint8), np.dtype(np.uint32)
+PROBS_LAYOUT = {
+    "header": (_U8, 1),
+    "theta": (np.dtype(np.float16), 1),
+    "stats": (np.dtype(np.float16), 1),
+}
+MASK_LAYOUT = {
+    "header": (_U8, 1),
+    "masks": (_U8, 1),
+    "signs": (_U8, 1),
+    "alphas": (np.dtype(np.float32), 1),
+}
+CODED_LAYOUT = {
+    "header": (_U8, 1),
+    "counts": (_U32, 2),
+    "code": (_U32, 1),
+    "signs": (_U8, 1),
+    "alphas": (np.dtype(np.float32), 1),
+}
+
+
+def fedpm_groups(spec: ModelSpec) -> tuple[ModelSpec, ModelSpec]:
+    """(masked tensors, statistics), each in spec order; the rest is frozen."""
+    return (
+        ModelSpec(tuple(t for t in spec if is_binarized(t))),
+        ModelSpec(tuple(t for t in spec if t.kind == "stat")),
+    )
+
+
+# --- downlink -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class FedPMProbs:
+    """A validated downlink: theta per masked tensor, the statistics (float32, spec shapes)."""
+
+    spec: ModelSpec
+    theta: dict[str, np.ndarray]
+    stats: dict[str, np.ndarray]
+
+
+def encode_fedpm_probs(
+    spec: ModelSpec, theta: Mapping[str, np.ndarray], stats: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """theta of every masked tensor and the statistics, as float16."""
+    masked, stat_spec = fedpm_groups(spec)
+    check_names(theta, masked, "theta")
+    probs = encode_half(masked, theta)
+    if probs.size and not (probs.min() >= 0 and probs.max() <= 1):
+        raise PayloadError(None, "theta", "probabilities must lie in [0, 1]")
+    stat_values = encode_half(stat_spec, stats)
+    return {
+        "header": make_header(FEDPM_PROBS_ID, FEDPM_VERSION),
+        "theta": probs,
+        "stats": stat_values,
+    }
+
+
+def validate_fedpm_probs(payload: Mapping[str, np.ndarray], spec: ModelSpec) -> FedPMProbs:
+    """Check every field of a downlink against ``spec``; raise PayloadError if bad."""
+    check_fields(payload, PROBS_LAYOUT)
+    check_header(payload["header"], FEDPM_PROBS_ID, FEDPM_VERSION, "fedpm probabilities")
+    masked, stat_spec = fedpm_groups(spec)
+    theta = validate_half(payload["theta"], masked, "theta")
+    for name, value in theta.items():
+        if value.size and not (value.min() >= 0 and value.max() <= 1):
+            raise PayloadError(name, "theta", "probabilities outside [0, 1]")
+    return FedPMProbs(spec, theta, validate_half(payload["stats"], stat_spec, "stats"))
+
+
+# --- uplink -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class FedPMMask:
+    """A validated uplink: each masked tensor's packed mask, the statistics' signs view."""
+
+    spec: ModelSpec
+    masks: dict[str, np.ndarray]
+    signs: SignsPayload
+
+    def mask(self, name: str) -> np.ndarray:
+        """One tensor's mask, flat bool."""
+        packed = self.masks[name]
+        return np.unpackbits(packed, count=self.spec[name].size, bitorder="little").view(bool)
+
+
+def encode_fedpm_mask(
+    spec: ModelSpec,
+    masks: Mapping[str, np.ndarray],
+    signs: Mapping[str, np.ndarray],
+    alphas: Mapping[str, float],
+    *,
+    coded: bool,
+) -> dict[str, np.ndarray]:
+    """A client's sampled masks (bool, tensor shapes) and its statistics' 1-bit updates;
+    ``coded`` selects the range-coded layout instead of the packed one."""
+    masked, stat_spec = fedpm_groups(spec)
+    check_names(masks, masked, "masks")
+    flat = []
+    for t in masked:
+        m = np.asarray(masks[t.name])
+        if m.shape != t.shape or m.dtype != np.bool_:
+            raise PayloadError(
+                t.name, "masks", f"shape={m.shape}, dtype={m.dtype} (allowed: bool {t.shape})"
+            )
+        flat.append(m.reshape(-1))
+    rest = encode_signs(stat_spec, signs, alphas)
+    tail = {"signs": rest["signs"], "alphas": rest["alphas"]}
+    if not coded:
+        packed = [np.packbits(m, bitorder="little") for m in flat]
+        masks_bytes = np.concatenate([np.zeros(0, np.uint8), *packed])
+        return {"header": make_header(FEDPM_MASK_ID, FEDPM_VERSION), "masks": masks_bytes, **tail}
+    ones = [int(m.sum()) for m in flat]
+    codes = [range_encode(m, k) for m, k in zip(flat, ones, strict=True)]
+    return {
+        "header": make_header(FEDPM_CODED_ID, FEDPM_VERSION),
+        "counts": np.array([ones, [c.size for c in codes]], dtype=np.uint32).reshape(2, len(flat)),
+        "code": np.concatenate([np.zeros(0, np.uint32), *codes]),
+        **tail,
+    }
+
+
+def validate_fedpm_mask(
+    payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
+) -> FedPMMask:
+    """Check every field of a packed uplink against ``spec``; raise PayloadError if bad."""
+    check_fields(payload, MASK_LAYOUT)
+    check_header(payload["header"], FEDPM_MASK_ID, FEDPM_VERSION, "fedpm mask")
+    masked, _ = fedpm_groups(spec)
+    nbytes = [(t.size + 7) // 8 for t in masked]
+    stream = payload["masks"]
+    check_length(stream, sum(nbytes), "masks", "sum(ceil(d/8)) over the masked tensors")
+    check_pad_bits(stream, [t.size for t in masked], masked.names, "masks")
+    pieces = split_by(read_only_copy(stream), nbytes)
+    masks = {t.name: p for t, p in zip(masked, pieces, strict=True)}
+    return FedPMMask(spec, masks, _validate_stats(payload, spec, bounds))
+
+
+def validate_fedpm_coded(
+    payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
+) -> FedPMMask:
+    """Check and decode a range-coded uplink; raise PayloadError if bad."""
+    check_fields(payload, CODED_LAYOUT)
+    check_header(payload["header"], FEDPM_CODED_ID, FEDPM_VERSION, "fedpm coded mask")
+    masked, _ = fedpm_groups(spec)
+    counts = payload["counts"]
+    if counts.shape != (2, len(masked)):
+        raise PayloadError(None, "counts", f"shape={counts.shape} (allowed: (2, {len(masked)}))")
+    ones, words = counts[0].astype(np.int64), counts[1].astype(np.int64)
+    for t, k, w in zip(masked, ones, words, strict=True):
+        _check_counts(t.name, t.size, int(k), int(w))
+    code = payload["code"]
+    check_length(code, int(words.sum()), "code", "the sum of counts[1]")
+    pieces = split_by(code, words.tolist())
+    masks = {}
+    for t, k, piece in zip(masked, ones, pieces, strict=True):
+        mask = range_decode(piece, int(k), t.size, t.name)
+        masks[t.name] = read_only_copy(np.packbits(mask, bitorder="little"))
+    return FedPMMask(spec, masks, _validate_stats(payload, spec, bounds))
+
+
+def _check_counts(name: str, size: int, ones: int, words: int) -> None:
+    if ones > size:
+        raise PayloadError(name, "counts", f"ones={ones} (allowed: <= d = {size})")
+    constant = ones in (0, size)
+    limit = 0 if constant else size // 32 + SLACK_WORDS
+    if words > limit:
+        rule = "0 for a constant mask" if constant else f"<= d/32 + {SLACK_WORDS} = {limit}"
+        raise PayloadError(name, "counts", f"code words={words} (allowed: {rule})")
+
+
+def _validate_stats(
+    payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
+) -> SignsPayload:
+    _, stat_spec = fedpm_groups(spec)
+    return validate_signs(
+        {
+            "header": make_header(SIGNS_CODEC_ID, SIGNS_VERSION),
+            "signs": payload["signs"],
+            "alphas": payload["alphas"],
+        },
+        stat_spec,
+        bounds,
+    )
+
+
+# --- the range coder ----------------------------------------------------------------------
+
+
+def _bernoulli(ones: int, size: int) -> object:
+    import constriction  # a compiled dependency, only needed for coded masks
+
+    return constriction.stream.model.Bernoulli(ones / size, perfect=False)
+
+
+def range_encode(mask: np.ndarray, ones: int) -> np.ndarray:
+    """A flat bool mask as range-coder words under i.i.d. Bernoulli(ones / d); empty if the
+    mask is constant (its count says it all)."""
+    import constriction
+
+    if ones in (0, mask.size):
+        return np.zeros(0, np.uint32)
+    encoder = constriction.stream.queue.RangeEncoder()
+    encoder.encode(mask.astype(np.int32), _bernoulli(ones, mask.size))
+    return np.asarray(encoder.get_compressed(), dtype=np.uint32)
+
+
+def range_decode(words: np.ndarray, ones: int, size: int, name: str) -> np.ndarray:
+    """The flat bool mask ``range_encode`` coded; PayloadError if the words are not one."""
+    import constriction
+
+    if ones in (0, size):
+        return np.full(size, ones == size, dtype=bool)
+    try:
+        decoder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, np.uint32))
+        mask = np.asarray(decoder.decode(_bernoulli(ones, size), size)).astype(bool)
+    except Exception as exc:  # constriction reports invalid data as AssertionError
+        raise PayloadError(name, "code", f"not a valid range code: {exc}") from None
+    if int(mask.sum()) != ones:
+        raise PayloadError(name, "code", f"decodes to {int(mask.sum())} ones (counts say {ones})")
+    return mask
+
+
+# --- the Decoded --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FedPMDecoded:
+    """The wire ``Decoded`` of an uplink (see the module docstring for what the update is)."""
+
+    view: FedPMMask
+    absolute: ClassVar[bool] = False
+
+    def add_masks(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
+        """In place ``acc[name] += weight * mask`` for every masked tensor."""
+        check_weight(weight)
+        w = np.float32(weight)
+        for name in self.view.masks:
+            flat_target(acc, self.view.spec[name])[:] += w * self.view.mask(name)
+
+    def add_stats(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
+        """In place ``acc[name] += weight * alpha * (±1)`` for every statistic."""
+        signs = self.view.signs
+        accumulate_signs(acc, signs, signs.spec, _ANY_STEP, weight)
+
+    def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
+        self.add_masks(acc, weight)
+        self.add_stats(acc, weight)
+
+    def delta(self) -> dict[str, np.ndarray]:
+        out = {t.name: np.zeros(t.shape, np.float32) for t in self.view.spec}
+        self.accumulate(out, 1.0)  # frozen tensors stay 0
+        return out
+
+
+_ANY_STEP = AlphaBounds(param=(0.0, FLOAT32_MAX), stat=(0.0, FLOAT32_MAX))
+
+
+def decode_fedpm(
+    payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
+) -> FedPMDecoded:
+    """Either uplink layout, told apart by the header's codec id (`fedpm-entropy-coding` is a
+    client-side choice; the server reads both)."""
+    header = payload.get("header") if isinstance(payload, Mapping) else None
+    coded = isinstance(header, np.ndarray) and header.size > 2 and int(header[2]) == FEDPM_CODED_ID
+    view = (
+        validate_fedpm_coded(payload, spec, bounds)
+        if coded
+        else validate_fedpm_mask(payload, spec, bounds)
+    )
+    return FedPMDecoded(view)
+
+
+register_codec("fedpm-mask", decode_fedpm)

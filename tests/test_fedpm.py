@@ -1,0 +1,271 @@
+"""FedPM: Bayesian aggregation by hand, the mask codecs (packed and range-coded), one round."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from fedbat_flwr.config import ConfigError, RunConfig
+from fedbat_flwr.methods import LocalTask, get_method
+from fedbat_flwr.methods.fedpm import FedPMRule, SampledMask, reference_weights
+from fedbat_flwr.records import payload_to_record, record_to_payload, wire_bytes
+from fedbat_flwr.task import load_state, model_spec, state_arrays
+from fedbat_flwr.training import TensorBatches
+from fedbat_flwr.wire import (
+    AlphaBounds,
+    ModelSpec,
+    PayloadError,
+    TensorSpec,
+    decode_payload,
+    payload_nbytes,
+)
+from fedbat_flwr.wire.fedpm import (
+    encode_fedpm_mask,
+    encode_fedpm_probs,
+    validate_fedpm_coded,
+    validate_fedpm_probs,
+)
+
+CPU = torch.device("cpu")
+BOUNDS = AlphaBounds()
+SPEC = ModelSpec(
+    (
+        TensorSpec("conv.weight", (1, 3)),
+        TensorSpec("bn.weight", (2,)),
+        TensorSpec("bn.running_var", (2,), kind="stat", domain="log"),
+    )
+)
+REFERENCE = {
+    "conv.weight": np.array([[0.5, -0.5, 0.5]], np.float32),
+    "bn.weight": np.ones(2, np.float32),
+    "bn.running_var": np.ones(2, np.float32),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def uplink(mask: list[int], sign: bool = True, step: float = 0.0, *, coded: bool = False):
+    payload = encode_fedpm_mask(
+        SPEC,
+        {"conv.weight": np.array([mask], bool)},
+        {"bn.running_var": np.full(2, sign)},
+        {"bn.running_var": step},
+        coded=coded,
+    )
+    return decode_payload("fedpm-mask", record_to_payload(payload_to_record(payload)), SPEC, BOUNDS)
+
+
+# --- Bayesian aggregation -----------------------------------------------------------------
+
+
+def test_beta_posterior_mean_hand_example() -> None:
+    """Beta(1, 1) + 3 masks: a = 1 + ones, b = 1 + K - ones, theta = a / (a + b)."""
+    rule = FedPMRule(SPEC, REFERENCE, prior_reset=1, seed=0)
+    glob = rule.initial(REFERENCE)
+    np.testing.assert_array_equal(glob["conv.weight"], np.full((1, 3), 0.5))
+    replies = [(10, uplink([1, 0, 1], True, 0.3)), (30, uplink([1, 1, 0], False, 0.1))]
+    replies.append((20, uplink([1, 0, 0], True, 0.0)))
+    new = rule.aggregate(glob, replies, server_round=1)
+    np.testing.assert_allclose(new["conv.weight"], [[4 / 5, 2 / 5, 2 / 5]])
+    np.testing.assert_array_equal(new["bn.weight"], REFERENCE["bn.weight"])  # frozen
+    step = (10 * 0.3 - 30 * 0.1) / 60  # example-weighted mean of alpha * sign: 0
+    np.testing.assert_allclose(new["bn.running_var"], np.exp(step) * np.ones(2), atol=1e-7)
+
+
+def test_prior_resets_every_n_rounds() -> None:
+    rule = FedPMRule(SPEC, REFERENCE, prior_reset=2, seed=0)
+    glob = rule.initial(REFERENCE)
+    ones = [(1, uplink([1, 1, 0]))]
+    zeros = [(1, uplink([0, 0, 0]))]
+    glob = rule.aggregate(glob, ones, 1)  # reset, a = 2, 2, 1; b = 1, 1, 2
+    np.testing.assert_allclose(glob["conv.weight"], [[2 / 3, 2 / 3, 1 / 3]])
+    glob = rule.aggregate(glob, zeros, 2)  # accumulates: a = 2, 2, 1; b = 2, 2, 3
+    np.testing.assert_allclose(glob["conv.weight"], [[1 / 2, 1 / 2, 1 / 4]])
+    glob = rule.aggregate(glob, zeros, 3)  # reset again: a = 1; b = 2
+    np.testing.assert_allclose(glob["conv.weight"], [[1 / 3, 1 / 3, 1 / 3]])
+    state = rule.state()
+    fresh = FedPMRule(SPEC, REFERENCE, prior_reset=2, seed=0)
+    fresh.load_state(state)
+    np.testing.assert_array_equal(fresh.a["conv.weight"], [[1, 1, 1]])
+    with pytest.raises(ValueError, match="state keys"):
+        fresh.load_state({})
+
+
+def test_evaluated_model_is_reference_times_a_mask_from_theta() -> None:
+    rule = FedPMRule(SPEC, REFERENCE, prior_reset=1, seed=0)
+    glob = rule.initial(REFERENCE)
+    glob["conv.weight"] = np.array([[1.0, 0.0, 1.0]], np.float32)
+    weights = rule.eval_arrays(glob)
+    np.testing.assert_array_equal(weights["conv.weight"], [[0.5, 0.0, 0.5]])
+    assert rule.eval_metrics(glob) == {"model_sparsity": pytest.approx(1 / 3)}
+    glob["conv.weight"] = np.full((1, 3), 0.5, np.float32)
+    first = rule.eval_arrays(glob)["conv.weight"]
+    np.testing.assert_array_equal(first, rule.eval_arrays(glob)["conv.weight"])  # fixed uniforms
+    assert set(np.abs(first).reshape(-1).tolist()) <= {0.0, 0.5}
+
+
+# --- wire formats -------------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    size=st.integers(1, 300),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    coded=st.booleans(),
+)
+def test_mask_codec_round_trip(size: int, density: float, seed: int, coded: bool) -> None:
+    spec = ModelSpec(
+        (TensorSpec("a.weight", (size, 1)), TensorSpec("b.weight", (3, 2)),
+         TensorSpec("bn.running_mean", (2,), kind="stat"))
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+    masks = {"a.weight": rng.random((size, 1)) < density, "b.weight": np.ones((3, 2), bool)}
+    signs = {"bn.running_mean": rng.random(2) < 0.5}
+    payload = encode_fedpm_mask(spec, masks, signs, {"bn.running_mean": 0.5}, coded=coded)
+    decoded = decode_payload(
+        "fedpm-mask", record_to_payload(payload_to_record(payload)), spec, BOUNDS
+    )
+    for name, mask in masks.items():
+        np.testing.assert_array_equal(decoded.view.mask(name), mask.reshape(-1))
+    delta = decoded.delta()
+    np.testing.assert_array_equal(
+        delta["bn.running_mean"], np.where(signs["bn.running_mean"], 0.5, -0.5)
+    )
+
+
+def test_range_coding_beats_packing_on_sparse_masks() -> None:
+    spec = ModelSpec((TensorSpec("w.weight", (200, 500)),))
+    rng = np.random.default_rng(0)
+    wire, data = {}, {}
+    for density in (0.05, 0.5):
+        masks = {"w.weight": rng.random((200, 500)) < density}
+        for coded in (False, True):
+            payload = encode_fedpm_mask(spec, masks, {}, {}, coded=coded)
+            wire[density, coded] = 8 * wire_bytes(payload_to_record(payload)) / 100_000
+            data[density, coded] = 8 * payload_nbytes(payload) / 100_000
+    entropy = -(0.05 * math.log2(0.05) + 0.95 * math.log2(0.95))  # 0.286 bit
+    assert data[0.05, True] == pytest.approx(entropy, rel=0.01)  # the coder is near-optimal
+    assert wire[0.05, True] < 0.5 * wire[0.05, False]  # with Flower's framing (~0.1 bpp here)
+    assert wire[0.05, False] > 1.0
+    assert data[0.5, True] < 1.002 * data[0.5, False]  # about as packing when dense
+
+
+def _coded() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    spec = ModelSpec((TensorSpec("w.weight", (40, 50)),))
+    return encode_fedpm_mask(spec, {"w.weight": rng.random((40, 50)) < 0.1}, {}, {}, coded=True)
+
+
+CODED_SPEC = ModelSpec((TensorSpec("w.weight", (40, 50)),))
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "match"),
+    [
+        (lambda p: p["counts"].__setitem__((0, 0), p["counts"][0, 0] + 1), "code", "ones"),
+        (lambda p: p["counts"].__setitem__((0, 0), 2001), "counts", "ones=2001"),
+        (lambda p: p["counts"].__setitem__((1, 0), 5000), "counts", "code words"),
+        (lambda p: p.__setitem__("code", np.full_like(p["code"], 0xFFFFFFFF)), "code", None),
+    ],
+)
+def test_coded_mask_rejects_inconsistent_counts_and_bad_codes(
+    change, field: str, match: str | None
+) -> None:
+    payload = _coded()
+    change(payload)
+    with pytest.raises(PayloadError, match=match) as info:
+        validate_fedpm_coded(payload, CODED_SPEC, BOUNDS)
+    assert info.value.field == field
+
+
+def test_probability_downlink_round_trip_and_range() -> None:
+    theta = {"conv.weight": np.array([[0.0, 0.25, 1.0]], np.float32)}
+    payload = encode_fedpm_probs(SPEC, theta, {"bn.running_var": np.array([2.0, 0.5])})
+    probs = validate_fedpm_probs(record_to_payload(payload_to_record(payload)), SPEC)
+    np.testing.assert_array_equal(probs.theta["conv.weight"], theta["conv.weight"])
+    np.testing.assert_array_equal(probs.stats["bn.running_var"], [2.0, 0.5])
+    payload["theta"][1] = 1.5
+    with pytest.raises(PayloadError, match=r"\[0, 1\]"):
+        validate_fedpm_probs(payload, SPEC)
+
+
+# --- client -------------------------------------------------------------------------------
+
+
+def test_sampled_mask_forward_and_straight_through_gradient() -> None:
+    score = torch.tensor([3.0, -3.0, 0.0])
+    part = SampledMask(score.clone(), torch.Generator().manual_seed(0))
+    w = torch.tensor([2.0, 3.0, -1.0])
+    out = part(w)
+    assert set((out / w).tolist()) <= {0.0, 1.0}
+    g = torch.tensor([1.0, -2.0, 0.5])
+    (out * g).sum().backward()
+    sig = torch.sigmoid(score)
+    torch.testing.assert_close(part.score.grad, w * g * sig * (1 - sig))
+
+
+def test_reference_network_is_seeded_signed_constants() -> None:
+    config = RunConfig(method="fedpm", seed=3)
+    ref = reference_weights(config)
+    assert ref is reference_weights(config.replace(lr=0.5))  # cached by what defines it
+    w = ref["features.4.weight"]  # conv 32 -> 64, fan_in 288
+    np.testing.assert_allclose(np.unique(np.abs(w)), [math.e / math.sqrt(32 * 9)], rtol=1e-6)
+    assert 0.45 < (w > 0).mean() < 0.55
+    assert not np.array_equal(
+        ref["features.4.weight"], reference_weights(config.replace(seed=4))["features.4.weight"]
+    )
+
+
+@pytest.mark.parametrize("coded", [False, True])
+def test_client_round_sends_a_mask_the_rule_aggregates(coded: bool) -> None:
+    config = RunConfig(
+        method="fedpm", local_epochs=2, extra={"fedpm-entropy-coding": coded, "fedpm-reg": 0.5}
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3))
+    spec = model_spec(model)
+    reference = state_arrays(model)
+    rule = FedPMRule(spec, reference, prior_reset=1, seed=0)
+    glob = rule.initial(reference)
+    down = record_to_payload(payload_to_record(rule.downlink(glob, 1)))
+    method = get_method("fedpm")(config)
+    state: dict[str, np.ndarray] = {}
+    global_state = {**reference, **validate_fedpm_probs(down, spec).stats}
+    load_state(model, global_state)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 1, 2, 2, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+    task = LocalTask(
+        model, global_state, spec, TensorBatches(x, y, 8, gen), config, CPU, 5, 1, state, down
+    )
+    update = method.train(task)
+    assert int(update.payload["header"][2]) == (20 if coded else 19)
+    decoded = decode_payload("fedpm-mask", update.payload, spec, BOUNDS)
+    rule.check(decoded, 1)
+    assert 0.0 <= update.metrics["mask-density"] <= 1.0
+    new = rule.aggregate(glob, [(32, decoded)], 1)
+    mask = decoded.view.mask("1.weight").reshape(3, 4)
+    np.testing.assert_allclose(new["1.weight"], (1 + mask) / 3)  # Beta(1, 1) + one mask
+    assert all(p.requires_grad for p in task.model.parameters())  # the model is left as found
+    assert not any("parametrizations" in k for k in task.model.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("fedpm-lr", 0.0), ("fedpm-reg", -1.0), ("fedpm-prior-reset", 0), ("fedpm-entropy-coding", 1)],
+)
+def test_bad_options_name_the_key(key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        get_method("fedpm")(RunConfig(extra={key: value}))
