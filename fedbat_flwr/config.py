@@ -51,6 +51,7 @@ class RunConfig:
     max_num_examples: int = 1_000_000
     num_examples_policy: str = "cap"  # a claim above max-num-examples: "cap" it or "reject" it
     round_timeout: float = 600.0  # seconds the server waits for a round's replies
+    resume_from: str = ""  # a run directory whose checkpoint.npz the run continues from
     seed: int = 42
     output_dir: str = "outputs"
     run_name: str = ""

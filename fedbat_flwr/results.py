@@ -78,6 +78,82 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+CHECKPOINT = "checkpoint.npz"
+CHECKPOINT_VERSION = 1
+# Keys that may differ between a run and its resumption; everything else must match.
+RESUMABLE_CHANGES = frozenset(
+    {"num-server-rounds", "resume-from", "round-timeout", "output-dir", "run-name"}
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not fit the run that wants to resume from it."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Everything a run needs to continue after its last completed round."""
+
+    round: int
+    arrays: dict[str, np.ndarray]  # the global arrays after `round`
+    strategy_state: dict[str, np.ndarray]  # server-optimizer moments, server-rule state
+    rng: dict[str, np.ndarray]  # numpy / torch generator states (python's is in meta)
+    meta: dict[str, Any]  # version, config, rows so far, python RNG, wall seconds, initial
+
+
+def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
+    """One .npz holding arrays, strategy state, RNG states and a JSON blob; written atomically."""
+    blob = json.dumps(_jsonable({**checkpoint.meta, "round": checkpoint.round})).encode()
+    entries = {f"model/{k}": v for k, v in checkpoint.arrays.items()}
+    entries.update({f"strategy/{k}": v for k, v in checkpoint.strategy_state.items()})
+    entries.update({f"rng/{k}": v for k, v in checkpoint.rng.items()})
+    entries["meta"] = np.frombuffer(blob, dtype=np.uint8)
+    save_arrays(Path(run_dir) / CHECKPOINT, entries)
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint:
+    """Read `<run_dir>/checkpoint.npz`; any problem is a CheckpointError naming the file."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(
+            f"resume-from: no checkpoint at {path} (expected a run directory written by "
+            "fedbat-flwr, which checkpoints after every round)"
+        )
+    try:
+        entries = load_arrays(path)
+        meta = json.loads(entries.pop("meta").tobytes().decode())
+    except Exception as exc:  # zip, npy and JSON errors all mean the same: unreadable
+        raise CheckpointError(f"checkpoint {path} is corrupt or partial: {exc}") from exc
+    if meta.get("version") != CHECKPOINT_VERSION or not isinstance(meta.get("round"), int):
+        raise CheckpointError(
+            f"checkpoint {path} has version {meta.get('version')!r} / round "
+            f"{meta.get('round')!r}; this fedbat-flwr reads version {CHECKPOINT_VERSION}"
+        )
+    groups: dict[str, dict[str, np.ndarray]] = {"model": {}, "strategy": {}, "rng": {}}
+    for key, value in entries.items():
+        group, _, name = key.partition("/")
+        if group not in groups:
+            raise CheckpointError(f"checkpoint {path} has an unknown entry {key!r}")
+        groups[group][name] = value
+    return Checkpoint(meta["round"], groups["model"], groups["strategy"], groups["rng"], meta)
+
+
+def check_resumable(checkpoint: Checkpoint, config: Mapping[str, Any], run_dir: Path) -> None:
+    """The resumed run must be the same experiment: only RESUMABLE_CHANGES may differ."""
+    saved = checkpoint.meta.get("config", {})
+    keys = (set(saved) | set(config)) - RESUMABLE_CHANGES
+    changed = sorted(k for k in keys if saved.get(k) != config.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
+        raise CheckpointError(f"cannot resume {run_dir}: the run config differs ({diffs})")
+    total = config.get("num-server-rounds")
+    if isinstance(total, int) and total <= checkpoint.round:
+        raise CheckpointError(
+            f"cannot resume {run_dir}: it already completed {checkpoint.round} rounds and "
+            f"num-server-rounds is {total}"
+        )
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """All rows of a run's metrics.jsonl (empty if the run has not finished a round)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -98,11 +174,19 @@ class RunRecorder:
     rows: list[dict[str, Any]] = field(default_factory=list)
     initial: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    seconds_before: float = 0.0  # wall time of the run before it was resumed
 
     def __post_init__(self) -> None:
+        """Start metrics.jsonl afresh, or with the rows a resumed run already has."""
         self.run_dir = Path(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "metrics.jsonl").write_text("")
+        text = "".join(json.dumps(row) + "\n" for row in self.rows)
+        atomic_write_bytes(self.run_dir / "metrics.jsonl", text.encode())
+        (self.run_dir / "summary.json").unlink(missing_ok=True)  # written again at the end
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.seconds_before + time.monotonic() - self.started
 
     def add_round(self, row: dict[str, Any]) -> None:
         """Append one round's row (every METRIC_KEYS key required); print a progress line."""
@@ -139,7 +223,7 @@ class RunRecorder:
             "total_downlink_bytes": sum(r["downlink_bytes"] for r in self.rows),
             "mean_uplink_bits_per_param": _mean(r["uplink_bits_per_param"] for r in self.rows),
             "total_rejected": sum(r["num_rejected"] for r in self.rows),
-            "wall_seconds": time.monotonic() - self.started,
+            "wall_seconds": self.wall_seconds,
         }
 
 

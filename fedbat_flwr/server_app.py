@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import time
 from logging import INFO
 from pathlib import Path
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -14,7 +17,15 @@ from .config import RunConfig
 from .data import load_test_set
 from .methods import get_method
 from .records import arrays_to_record, record_to_arrays
-from .results import RunRecorder, default_run_name
+from .results import (
+    CHECKPOINT_VERSION,
+    Checkpoint,
+    RunRecorder,
+    check_resumable,
+    default_run_name,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .strategy import UplinkMixin, build_strategy
 from .task import build_model_for, data_config, load_state, model_spec, state_arrays
 from .training import default_device, evaluate, prepare_model
@@ -32,12 +43,26 @@ def main(grid: Grid, context: Context) -> None:
     rule = method.server_rule(config, spec)  # None unless the method has its own server side
     initial = state_arrays(model) if rule is None else rule.initial(state_arrays(model))
 
-    run_name = config.run_name or default_run_name(
-        config.method, config.dataset, config.partitioner
-    )
-    run_dir = Path(config.output_dir).resolve() / run_name
+    random.seed(config.seed)  # Flower samples clients with `random.sample`
+    checkpoint = None
+    if config.resume_from:
+        run_dir = Path(config.resume_from).resolve()
+        checkpoint = load_checkpoint(run_dir)
+        check_resumable(checkpoint, config.to_flower(), run_dir)
+    else:
+        run_name = config.run_name or default_run_name(
+            config.method, config.dataset, config.partitioner
+        )
+        run_dir = Path(config.output_dir).resolve() / run_name
     recorder = RunRecorder(
-        run_dir, config.method, config.to_flower(), spec.num_params, config.num_server_rounds
+        run_dir,
+        config.method,
+        config.to_flower(),
+        spec.num_params,
+        config.num_server_rounds,
+        rows=list(checkpoint.meta["rows"]) if checkpoint else [],
+        initial=dict(checkpoint.meta.get("initial", {})) if checkpoint else {},
+        seconds_before=float(checkpoint.meta.get("wall_seconds", 0.0)) if checkpoint else 0.0,
     )
     log(INFO, "fedbat-flwr: %s on %s, results in %s", config.method, config.dataset, run_dir)
 
@@ -56,11 +81,17 @@ def main(grid: Grid, context: Context) -> None:
         min_train_nodes=config.min_train_nodes,
         min_available_nodes=config.min_train_nodes,
     )
+    if checkpoint is not None:
+        initial = checkpoint.arrays
+        strategy.load_strategy_state(checkpoint.strategy_state)
+        strategy.round_offset = checkpoint.round
+        restore_rng(checkpoint)
+        log(INFO, "fedbat-flwr: resuming after round %d", checkpoint.round)
     evaluate_fn = CentralEvaluation(config, strategy, recorder)
     result = strategy.start(
         grid=grid,
         initial_arrays=arrays_to_record(initial),
-        num_rounds=config.num_server_rounds,
+        num_rounds=config.num_server_rounds - strategy.round_offset,
         timeout=config.round_timeout,  # a node that has not replied by then counts as failed
         train_config=ConfigRecord({"method": config.method}),
         evaluate_fn=evaluate_fn,
@@ -77,6 +108,30 @@ def main(grid: Grid, context: Context) -> None:
     )
 
 
+def rng_arrays() -> dict[str, np.ndarray]:
+    """numpy's and torch's global generator states, as arrays for the checkpoint."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = np.array([pos, has_gauss], dtype=np.int64)
+    return {
+        "numpy_keys": np.asarray(keys),
+        "numpy_state": numpy_state,
+        "numpy_gauss": np.array([gauss]),
+        "torch": torch.get_rng_state().numpy(),
+    }
+
+
+def restore_rng(checkpoint: Checkpoint) -> None:
+    """Continue every server-side random stream where the checkpointed run left it."""
+    version, state, gauss = checkpoint.meta["python_random"]
+    random.setstate((version, tuple(state), gauss))
+    rng = checkpoint.rng
+    pos, has_gauss = (int(v) for v in rng["numpy_state"])
+    np.random.set_state(
+        ("MT19937", rng["numpy_keys"], pos, has_gauss, float(rng["numpy_gauss"][0]))
+    )
+    torch.set_rng_state(torch.from_numpy(rng["torch"].copy()))
+
+
 class CentralEvaluation:
     """Flower's `evaluate_fn`: test the global model, then write the round's results row."""
 
@@ -91,6 +146,9 @@ class CentralEvaluation:
         self.model = prepare_model(build_model_for(config), self.device)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and self.strategy.round_offset:
+            return None  # a resumed run: its starting model was evaluated before the crash
+        server_round += self.strategy.round_offset
         last = server_round == self.config.num_server_rounds
         metrics: dict[str, float] = {}
         extra: dict[str, float] = {}
@@ -113,7 +171,22 @@ class CentralEvaluation:
             self.recorder.initial = {"accuracy": metrics["test-accuracy"]}
         else:
             self._record(server_round, metrics, extra)
+            self._checkpoint(server_round, arrays)
         return MetricRecord(metrics) if metrics else None
+
+    def _checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        """After the round's row: the state to continue from if the server stops now."""
+        meta = {
+            "version": CHECKPOINT_VERSION,
+            "config": self.recorder.config,
+            "rows": self.recorder.rows,
+            "initial": self.recorder.initial,
+            "wall_seconds": self.recorder.wall_seconds,
+            "python_random": random.getstate(),
+        }
+        state = self.strategy.strategy_state()
+        checkpoint = Checkpoint(server_round, record_to_arrays(arrays), state, rng_arrays(), meta)
+        save_checkpoint(self.recorder.run_dir, checkpoint)
 
     def _record(
         self, server_round: int, metrics: dict[str, float], extra: dict[str, float] | None = None

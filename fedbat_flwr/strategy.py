@@ -45,7 +45,15 @@ from .records import (
     wire_bytes,
 )
 from .server_rules import ServerRule
-from .wire import SIGN_KINDS, AlphaBounds, ModelSpec, PayloadError, decode_payload, majority_vote
+from .wire import (
+    SIGN_KINDS,
+    AlphaBounds,
+    Decoded,
+    ModelSpec,
+    PayloadError,
+    decode_payload,
+    majority_vote,
+)
 from .wire.votes import sign_median
 
 ARRAYS_KEY = "arrays"
@@ -148,12 +156,16 @@ class UplinkMixin:
         self.max_num_examples = max_num_examples
         self.global_arrays: dict[str, np.ndarray] = {}
         self.rounds: dict[int, RoundStats] = {}
+        # Rounds already done before this `start` (a resumed run): Flower counts from 1 again,
+        # every hook here works in the run's own round numbers.
+        self.round_offset = 0
 
     # -- training round ----------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the global model the replies are updates of, and count the downlink."""
+        server_round += self.round_offset
         stats = RoundStats()
         self.rounds[server_round] = stats
         self.global_arrays = record_to_arrays(arrays)
@@ -167,11 +179,19 @@ class UplinkMixin:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         stats = self.rounds.setdefault(server_round, RoundStats())
         replies = list(replies)
-        accepted = [
-            a for a in (self._accept(msg, server_round) for msg in replies) if a is not None
-        ]
+        streaming = self._streams_each_reply()
+        accepted = []
+        for msg in replies:
+            a = self._accept(msg, server_round)
+            if a is not None and streaming:
+                # Not kept: `_stream_mean` decodes again, one reply at a time, so memory stays
+                # O(model) whatever the number of replies.
+                a = replace(a, decoded=None)
+            if a is not None:
+                accepted.append(a)
         accepted = _shared_metrics(accepted)
         stats.num_replies = len(accepted)
         # Replies that never came before the round's timeout are rejected too (num_sent is 0
@@ -217,15 +237,65 @@ class UplinkMixin:
         messages = [self._as_dense(a) for a in accepted]
         return super().aggregate_train(server_round, messages)  # type: ignore[misc]
 
+    def _streams_each_reply(self) -> bool:
+        """The plain weighted mean: each reply can be added as it is validated, then dropped."""
+        return (
+            self.stream_mean
+            and self.payload_kind != "dense"
+            and self.rule is None
+            and type(self)._stream_mean is UplinkMixin._stream_mean
+        )
+
     def _stream_mean(self, accepted: list[Accepted]) -> ArrayRecord:
-        """Eq. 11: w + sum_k (n_k / sum n) * decoded_k, one accumulator for all replies."""
+        """Eq. 11: w + sum_k (n_k / sum n) * decoded_k, one accumulator for all replies.
+
+        Each accepted reply is decoded again here (validation is cheap next to holding K
+        decoded payloads), added, and dropped before the next one.
+        """
         acc = {t.name: np.zeros(t.shape, dtype=np.float32) for t in self.spec}
         total = float(sum(a.num_examples for a in accepted))
+        absolute = False
         for a in accepted:
-            a.decoded.accumulate(acc, a.num_examples / total)  # type: ignore[union-attr]
-        if getattr(accepted[0].decoded, "absolute", False):  # weights (BiFL): the mean is the model
+            decoded = a.decoded or self._decode(a.message.content[ARRAYS_KEY])
+            decoded.accumulate(acc, a.num_examples / total)
+            absolute = bool(getattr(decoded, "absolute", False))
+        if absolute:  # replies carry weights (BiFL): the mean is the model
             return arrays_to_record(acc)
         return arrays_to_record(self.spec.apply(self.global_arrays, acc))
+
+    def _decode(self, record: ArrayRecord) -> Decoded:
+        """Validate and decode one reply's ArrayRecord (raises PayloadError)."""
+        return decode_payload(self.payload_kind, record_to_payload(record), self.spec, self.bounds)
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def strategy_state(self) -> dict[str, np.ndarray]:
+        """Arrays a checkpoint needs besides the model: server-optimizer moments, rule state."""
+        state: dict[str, np.ndarray] = {}
+        for attr in ("m_t", "v_t"):  # Flower's FedOpt family (FedAdam, FedYogi, ...)
+            for name, value in (getattr(self, attr, None) or {}).items():
+                state[f"{attr}/{name}"] = np.asarray(value)
+        if self.rule is not None:
+            state.update({f"rule/{k}": v for k, v in self.rule.state().items()})
+        return state
+
+    def load_strategy_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore `strategy_state()`; keys this strategy does not know are an error."""
+        groups: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in state.items():
+            group, _, name = key.partition("/")
+            groups.setdefault(group, {})[name] = np.array(value)
+        unknown = set(groups) - {"m_t", "v_t", "rule"}
+        if unknown or ({"m_t", "v_t"} & set(groups) and not hasattr(self, "m_t")):
+            raise ValueError(
+                f"checkpoint strategy state {sorted(groups)} does not fit {type(self).__name__}"
+            )
+        for attr in ("m_t", "v_t"):
+            if attr in groups:
+                setattr(self, attr, groups[attr])
+        if self.rule is not None:
+            self.rule.load_state(groups.get("rule", {}))
+        elif "rule" in groups:
+            raise ValueError("checkpoint has server-rule state but this method has no rule")
 
     def _as_dense(self, a: Accepted) -> Message:
         """A reply Flower's strategies can average: the client's implied weights, capped weight."""
@@ -259,8 +329,7 @@ class UplinkMixin:
             record = msg.content.array_records.get(ARRAYS_KEY)
             if record is None:
                 raise PayloadError(None, ARRAYS_KEY, "reply carries no ArrayRecord 'arrays'")
-            payload = record_to_payload(record)
-            decoded = decode_payload(self.payload_kind, payload, self.spec, self.bounds)
+            decoded = self._decode(record)
             if self.rule is not None:
                 self.rule.check(decoded, server_round)
         except PayloadError as exc:

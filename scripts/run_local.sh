@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
 superlink_pid() {
-  ss -ltnpH "sport = :${FLWR_LOCAL_CONTROL_API_PORT:-39093}" 2>/dev/null \
+  ss -ltnpH "sport = :${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39091}" 2>/dev/null \
     | grep -o 'pid=[0-9]*' | head -n1 | cut -d= -f2
 }
 
