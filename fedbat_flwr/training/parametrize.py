@@ -14,7 +14,7 @@ from torch import nn
 from torch.autograd.function import FunctionCtx
 from torch.nn.utils import parametrize
 
-from fedbat_flwr.training.binarize import sample_binarized, straight_through_factors
+from fedbat_flwr.training.binarize import inside_bounds, sample_binarized, straight_through_grads
 
 
 def unclamped_step_size(
@@ -57,19 +57,18 @@ class _BinarizedWeight(torch.autograd.Function):
         raw = unclamped_step_size(alpha_e, alpha_init, rho)
         alpha = torch.clamp(raw, alpha_min, alpha_max)
         s = sample_binarized(m, alpha, generator)
-        ds_dm, alpha_ds_dalpha = straight_through_factors(m, alpha, s)
+        ctx.bounds = inside_bounds(alpha)
         # Eq. 10's chain rule: d alpha / d alpha_e = rho alpha where the clamp is inactive
         # (alpha = raw), else 0; so grad(alpha_e) = sum(g alpha dS/dalpha) rho [alpha = raw].
-        dalpha_e = (raw == alpha) * rho
-        ctx.save_for_backward(ds_dm, alpha_ds_dalpha, dalpha_e)
+        ctx.save_for_backward(m, s, (raw == alpha) * rho)
         return torch.add(w, s, out=torch.empty_like(w))  # w's exact strides (see _keep_strides)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        ds_dm, alpha_ds_dalpha, dalpha_e = ctx.saved_tensors
-        grad_alpha_e = (grad * alpha_ds_dalpha).sum().mul_(dalpha_e)
+        m, s, dalpha_e = ctx.saved_tensors
+        grad_m, alpha_grad_alpha = straight_through_grads(grad, m, s, ctx.bounds)
         grad_w = grad if ctx.needs_input_grad[0] else None
-        return grad_w, grad * ds_dm, grad_alpha_e, None, None, None, None, None
+        return grad_w, grad_m, alpha_grad_alpha * dalpha_e, None, None, None, None, None
 
 
 class BinarizedUpdate(nn.Module):
