@@ -14,23 +14,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from fedbat_flwr.config import RunConfig
 from fedbat_flwr.data import load_partition, load_test_set
 from fedbat_flwr.localrun import LocalSuperLink
-from fedbat_flwr.methods import LocalTask, get_method
+from fedbat_flwr.methods import client_task, get_method
 from fedbat_flwr.records import payload_to_record
 from fedbat_flwr.results import read_metrics
 from fedbat_flwr.task import (
     build_model_for,
-    client_seed,
     data_config,
-    load_state,
-    model_spec,
     state_arrays,
 )
-from fedbat_flwr.training import TensorBatches, default_device, evaluate, prepare_model
+from fedbat_flwr.training import default_device, evaluate, prepare_model
 
 CLIENTS = 10
 ROUNDS = 3
@@ -46,7 +41,7 @@ def pure_round_seconds(config: RunConfig) -> float:
     """One round's work without Flower: 10 clients in a loop, then the central evaluation."""
     device = default_device()
     model = build_model_for(config)
-    global_state, spec = state_arrays(model), model_spec(model)
+    global_state = state_arrays(model)
     method = get_method(config.method)(config)
     for pid in range(CLIENTS):  # warm the partition cache, as the simulation's workers are
         load_partition(data_config(config, CLIENTS), pid)
@@ -54,21 +49,7 @@ def pure_round_seconds(config: RunConfig) -> float:
     start = time.perf_counter()
     for pid in range(CLIENTS):
         data = load_partition(data_config(config, CLIENTS), pid)
-        local = build_model_for(config)
-        load_state(local, global_state)
-        seed = client_seed(config, 2, pid)
-        task = LocalTask(
-            model=prepare_model(local, device),
-            global_state=global_state,
-            spec=spec,
-            batches=TensorBatches(
-                data.x, data.y, config.batch_size, torch.Generator().manual_seed(seed)
-            ),
-            config=config,
-            device=device,
-            seed=seed,
-            server_round=2,
-        )
+        task = client_task(method, data, global_state, partition_id=pid, server_round=2)
         payload_to_record(method.train(task).payload)
     evaluate(prepare_model(model, device), test.x, test.y, batch_size=1024, device=device)
     return time.perf_counter() - start

@@ -6,6 +6,7 @@ timings taken in the same run (best of N repeats, so noise from a shared machine
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -87,8 +88,22 @@ def _time_record(name: str, seconds: float) -> dict:
     }
 
 
-def run() -> list[dict]:
-    """Measure and return the records (CPU, default threads, channels_last, batch 64)."""
+def run(num_threads: int | None = None) -> list[dict]:
+    """Measure and return the records (CPU, channels_last, batch 64).
+
+    ``num_threads`` sets torch's intra-op threads for the run (default: torch's own choice);
+    1 thread is the robust setting on a busy shared machine.
+    """
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _measure(torch.get_num_threads())
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _measure(threads: int) -> list[dict]:
     torch.manual_seed(0)
     # Other processes on a small machine stall OpenMP barriers: read the ratios with this in mind.
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
@@ -99,7 +114,8 @@ def run() -> list[dict]:
             "unit": "",
             "goal": f"< {cores} (quiet machine)",
             "pass": load < cores,
-        }
+        },
+        {"name": "torch_threads", "value": threads, "unit": "", "goal": None, "pass": True},
     ]
     cases: list[tuple[str, Callable[[], nn.Module], tuple[int, int, int]]] = [
         ("cnn4", lambda: CNN4(in_channels=1, image_size=28), (1, 28, 28)),
@@ -129,5 +145,7 @@ def run() -> list[dict]:
 
 
 if __name__ == "__main__":
-    for record in run():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    for record in run(parser.parse_args().threads):
         print(json.dumps(record))

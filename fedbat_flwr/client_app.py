@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import time
 
-import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import ConfigError, RunConfig
 from .data import load_partition
-from .methods import LocalTask, get_method
+from .methods import client_task, get_method
 from .records import arrays_to_record, payload_to_record, record_to_arrays, record_to_payload
 from .strategy import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
-from .task import build_model_for, client_seed, data_config, load_state, model_spec
-from .training import TensorBatches, default_device, evaluate, prepare_model
+from .task import build_model_for, data_config, load_state
+from .training import default_device, evaluate, prepare_model
 
 STATE_KEY = "method-state"  # this client's method memory (EF residual, virtual bits, ...)
 
@@ -30,31 +29,11 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     inject_fault(config, partition_id, server_round)  # test hook, off by default
     data = load_partition(data_config(config, num_partitions), partition_id)
-    seed = client_seed(config, server_round, partition_id)
-
-    device = default_device()
-    model = build_model_for(config)
-    spec = model_spec(model)
     state = record_to_arrays(context.state.array_records.get(STATE_KEY, ArrayRecord()))
     # The dense global model, or a method's own downlink payload (raw arrays) it decodes.
     downlink = record_to_payload(msg.content[ARRAYS_KEY])
-    global_state = method.receive(downlink, spec, state)
-    load_state(model, global_state)
-    model = prepare_model(model, device)
-
-    task = LocalTask(
-        model=model,
-        global_state=global_state,
-        spec=spec,
-        batches=TensorBatches(
-            data.x, data.y, config.batch_size, torch.Generator().manual_seed(seed)
-        ),
-        config=config,
-        device=device,
-        seed=seed,
-        server_round=server_round,
-        state=state,
-        downlink=downlink,
+    task = client_task(
+        method, data, downlink, partition_id=partition_id, server_round=server_round, state=state
     )
     update = method.train(task)
     if task.state:

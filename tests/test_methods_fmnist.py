@@ -13,7 +13,7 @@ import torch
 
 from fedbat_flwr.config import RunConfig
 from fedbat_flwr.data import DataUnavailableError, load_partition
-from fedbat_flwr.methods import LocalTask, get_method, method_names
+from fedbat_flwr.methods import client_task, get_method, method_names
 from fedbat_flwr.records import (
     arrays_to_record,
     payload_to_record,
@@ -22,13 +22,12 @@ from fedbat_flwr.records import (
 )
 from fedbat_flwr.task import (
     build_model_for,
-    client_seed,
     data_config,
     load_state,
     model_spec,
     state_arrays,
 )
-from fedbat_flwr.training import TensorBatches, evaluate, prepare_model
+from fedbat_flwr.training import evaluate
 from fedbat_flwr.wire import AlphaBounds, decode_payload
 
 NUM_PARTITIONS = 10
@@ -65,26 +64,14 @@ def test_method_round_trip_on_cnn4(name: str, partition) -> None:
 
     # Client side, as client_app.train builds it.
     method = get_method(config.method)(config)
-    seed = client_seed(config, server_round, PARTITION)
-    device = torch.device("cpu")
-    model = build_model_for(config)
     downlink = record_to_payload(global_record)
-    global_state = method.receive(downlink, spec, {})
-    load_state(model, global_state)
-    model = prepare_model(model, device)
-    task = LocalTask(
-        model=model,
-        global_state=global_state,
-        spec=model_spec(model),
-        batches=TensorBatches(
-            partition.x, partition.y, config.batch_size, torch.Generator().manual_seed(seed)
-        ),
-        config=config,
-        device=device,
-        seed=seed,
+    task = client_task(
+        method,
+        partition,
+        downlink,
+        partition_id=PARTITION,
         server_round=server_round,
-        state={},
-        downlink=downlink,
+        device=torch.device("cpu"),
     )
     update = method.train(task)
     assert update.num_examples == 64
@@ -116,5 +103,5 @@ def test_method_round_trip_on_cnn4(name: str, partition) -> None:
 
     evaluator = build_model_for(config)
     load_state(evaluator, new)
-    loss, accuracy = evaluate(evaluator, partition.x, partition.y, device=device)
+    loss, accuracy = evaluate(evaluator, partition.x, partition.y, device=task.device)
     assert np.isfinite(loss) and 0.0 <= accuracy <= 1.0

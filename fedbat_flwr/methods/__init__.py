@@ -3,10 +3,26 @@
 import importlib
 import pkgutil
 
-from .base import ClientUpdate, LocalTask, Method, get_method, method_names, register
+from .base import (
+    ClientUpdate,
+    LocalTask,
+    Method,
+    client_task,
+    get_method,
+    method_names,
+    register,
+)
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in {"base", "common"}:
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["ClientUpdate", "LocalTask", "Method", "get_method", "method_names", "register"]
+__all__ = [
+    "ClientUpdate",
+    "LocalTask",
+    "Method",
+    "client_task",
+    "get_method",
+    "method_names",
+    "register",
+]

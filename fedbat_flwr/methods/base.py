@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
+from ..data import TensorData
 from ..server_rules import ServerRule
-from ..training import TensorBatches
+from ..task import build_model_for, client_seed, load_state, model_spec
+from ..training import TensorBatches, default_device, prepare_model
 from ..wire import ModelSpec
 
 
@@ -118,3 +120,41 @@ def get_method(name: str) -> type[Method]:
 
 
 MethodFactory = Callable[[RunConfig], Method]
+
+
+def client_task(
+    method: Method,
+    data: TensorData,
+    downlink: dict[str, np.ndarray],
+    *,
+    partition_id: int,
+    server_round: int,
+    state: MutableMapping[str, np.ndarray] | None = None,
+    device: torch.device | None = None,
+) -> LocalTask:
+    """One client round's LocalTask, exactly as the ClientApp builds it.
+
+    The model is built from the run config, starts from what `method.receive` makes of the
+    downlink, and trains on `data` in an order seeded by (run seed, round, partition).
+    """
+    config = method.config
+    device = device or default_device()
+    state = {} if state is None else state
+    model = build_model_for(config)
+    spec = model_spec(model)
+    global_state = method.receive(downlink, spec, state)
+    load_state(model, global_state)
+    seed = client_seed(config, server_round, partition_id)
+    generator = torch.Generator().manual_seed(seed)
+    return LocalTask(
+        model=prepare_model(model, device),
+        global_state=global_state,
+        spec=spec,
+        batches=TensorBatches(data.x, data.y, config.batch_size, generator),
+        config=config,
+        device=device,
+        seed=seed,
+        server_round=server_round,
+        state=state,
+        downlink=downlink,
+    )

@@ -32,16 +32,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedbat_flwr.wire.errors import PayloadError
+from fedbat_flwr.wire.fields import MAGIC, check_fields, check_header, flat_target
 from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec, TensorSpec
 
 SIGNS_CODEC_ID = 1
 SIGNS_VERSION = 1
-MAGIC = b"FB"
 FIELDS: dict[str, np.dtype] = {
     "header": np.dtype(np.uint8),
     "signs": np.dtype(np.uint8),
     "alphas": np.dtype(np.float32),
 }
+LAYOUT = {key: (dtype, 1) for key, dtype in FIELDS.items()}  # every field is 1-D
 # Bytes of packed signs handled per step of the fused accumulate: the (CHUNK_BYTES, 8) float32
 # scratch is 256 KiB, small enough to stay in L2 (bigger chunks measured ~2x slower).
 CHUNK_BYTES = 8192
@@ -86,8 +87,8 @@ def validate_signs(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
 ) -> SignsPayload:
     """Check every field of an untrusted payload against ``spec``; raise PayloadError if bad."""
-    _check_fields(payload)
-    _check_header(payload["header"])
+    check_fields(payload, LAYOUT)
+    check_header(payload["header"], SIGNS_CODEC_ID, SIGNS_VERSION, "signs")
     nbytes = _bytes_per_tensor(spec)
     signs = _check_signs(payload["signs"], spec, nbytes)
     alphas = _check_alphas(payload["alphas"], spec, bounds)
@@ -120,7 +121,7 @@ def accumulate_signs(
     view = _as_view(payload, spec, bounds)
     if not math.isfinite(weight):
         raise ValueError(f"weight={weight!r} is not finite (allowed: a finite float)")
-    targets = [_flat_target(acc, t) for t in spec]
+    targets = [flat_target(acc, t) for t in spec]
     scratch = np.empty((CHUNK_BYTES, 8), np.float32)
     for out, packed, alpha in zip(targets, view.packed, view.alphas, strict=True):
         _add_signs(out, packed, np.float32(weight * float(alpha)), scratch)
@@ -175,44 +176,6 @@ def _encode_alpha(t: TensorSpec, alpha: float) -> np.float32:
 
 
 # --- validation helpers -------------------------------------------------------------------
-
-
-def _check_fields(payload: Mapping[str, np.ndarray]) -> None:
-    """Keys, array type, exact dtype and 1-D shape of every field."""
-    if not isinstance(payload, Mapping):
-        raise PayloadError(None, "payload", f"type={type(payload).__name__} (allowed: mapping)")
-    allowed = ", ".join(FIELDS)
-    for key in FIELDS:
-        if key not in payload:
-            raise PayloadError(None, key, f"missing (required keys: {allowed})")
-    for key in payload:
-        if key not in FIELDS:
-            raise PayloadError(None, str(key), f"unexpected key (allowed keys: {allowed})")
-    for key, dtype in FIELDS.items():
-        value = payload[key]
-        if not isinstance(value, np.ndarray):
-            reason = f"type={type(value).__name__} (allowed: numpy.ndarray)"
-            raise PayloadError(None, key, reason)
-        if value.dtype != dtype:
-            raise PayloadError(None, key, f"dtype={value.dtype} (allowed: {dtype})")
-        if value.ndim != 1:
-            raise PayloadError(None, key, f"ndim={value.ndim}, shape={value.shape} (allowed: 1-D)")
-
-
-def _check_header(header: np.ndarray) -> None:
-    if header.size != _HEADER.size:
-        raise PayloadError(None, "header", f"length={header.size} (allowed: {_HEADER.size})")
-    magic = header[:2].tobytes()
-    if magic != MAGIC:
-        raise PayloadError(None, "header", f"magic={magic!r} (allowed: {MAGIC!r})")
-    codec = int(header[2])
-    if codec != SIGNS_CODEC_ID:
-        reason = f"codec id={codec} (allowed: {SIGNS_CODEC_ID} = signs)"
-        raise PayloadError(None, "header", reason)
-    version = int(header[3])
-    if version != SIGNS_VERSION:
-        reason = f"layout version={version} is not supported (supported: {SIGNS_VERSION})"
-        raise PayloadError(None, "header", reason)
 
 
 def _bytes_per_tensor(spec: ModelSpec) -> np.ndarray:
@@ -278,27 +241,6 @@ def _as_view(
     if payload.spec is not spec and payload.spec != spec:
         raise ValueError("the SignsPayload was validated against a different ModelSpec")
     return payload
-
-
-def _flat_target(acc: MutableMapping[str, np.ndarray], t: TensorSpec) -> np.ndarray:
-    """``acc[t.name]`` as a flat writable view, or ValueError (a caller bug, not the payload)."""
-    if t.name not in acc:
-        raise ValueError(f"acc: tensor {t.name!r} is missing")
-    a = acc[t.name]
-    usable = (
-        isinstance(a, np.ndarray)
-        and a.dtype == np.float32
-        and a.shape in (t.shape, (t.size,))
-        and a.flags.c_contiguous
-        and a.flags.writeable
-    )
-    if not usable:
-        found = f"{type(a).__name__} {getattr(a, 'dtype', '?')} {getattr(a, 'shape', '?')}"
-        raise ValueError(
-            f"acc[{t.name!r}] is {found} "
-            f"(allowed: writable C-contiguous float32 of shape {t.shape} or ({t.size},))"
-        )
-    return a.reshape(-1)
 
 
 def _add_signs(out: np.ndarray, packed: np.ndarray, scale: np.float32, scratch: np.ndarray) -> None:
