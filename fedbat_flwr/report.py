@@ -429,8 +429,11 @@ def _plot(
     keys = list(by_group)
     sizes = sorted({k.num_clients for k in keys})
     partitioners = list(dict.fromkeys(k.partitioner for k in keys))
-    colours = {row: f"C{i % 10}" for i, row in enumerate(dict.fromkeys(k.row for k in keys))}
-    fig = Figure(figsize=(4.2 * len(partitioners), 3.4 * len(sizes) + 0.9), layout="constrained")
+    rows = list(dict.fromkeys(k.row for k in keys))
+    palette = [f"C{i}" for i in range(10)] if len(rows) <= 10 else _TAB20  # one colour a method
+    colours = {row: palette[i % len(palette)] for i, row in enumerate(rows)}
+    width = max(4.2 * len(partitioners), 6.4)  # room for the title and a 4-column legend
+    fig = Figure(figsize=(width, 3.4 * len(sizes) + 0.9), layout="constrained")
     axes = fig.subplots(len(sizes), len(partitioners), squeeze=False, sharey=True)
     for i, n in enumerate(sizes):
         for j, part in enumerate(partitioners):
@@ -440,7 +443,7 @@ def _plot(
     handles, names = _legend_entries(axes)
     fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4))
     fig.suptitle(f"{title}: test accuracy vs {x.name} (mean over seeds)")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # never clip the legend or title
     return path
 
 
@@ -469,6 +472,14 @@ def _panel(
     ax.set_title(column_label(column))
     ax.set_xlabel(x.label)
     ax.grid(True, alpha=0.3)
+
+
+# matplotlib's tab20 (dark/light pairs reordered so neighbours differ), for more than 10 methods.
+_TAB20 = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+    "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
+]  # fmt: skip
 
 
 def _legend_entries(axes: Any) -> tuple[list[Any], list[str]]:
