@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from fedbat_flwr.config import RunConfig
-from fedbat_flwr.methods import LocalTask, get_method, method_names
+from fedbat_flwr.data import TensorData
+from fedbat_flwr.methods import client_task, get_method, method_names
 from fedbat_flwr.records import arrays_to_record, payload_to_record, wire_bytes
 from fedbat_flwr.task import build_model_for, model_spec, state_arrays
-from fedbat_flwr.training import TensorBatches, prepare_model
 
 EXAMPLES = 8  # one batch: one local step
 MODELS = {  # label -> (run config, input shape)
@@ -52,25 +52,18 @@ def uplink_bits_per_param(method: str, model_label: str, extra: dict[str, Any]) 
     base, shape = MODELS[model_label]
     config = base.replace(method=method, extra=extra)
     gen = torch.Generator().manual_seed(0)
-    model = build_model_for(config)
-    global_state = state_arrays(model)
-    device = torch.device("cpu")
-    task = LocalTask(
-        model=prepare_model(model, device),
-        global_state=global_state,
-        spec=model_spec(model),
-        batches=TensorBatches(
-            torch.randn(EXAMPLES, *shape, generator=gen),
-            torch.randint(0, 10, (EXAMPLES,), generator=gen),
-            EXAMPLES,
-            gen,
-        ),
-        config=config,
-        device=device,
-        seed=0,
-        server_round=1,
-    )
     instance = get_method(method)(config)
+    model = build_model_for(config)
+    weights, spec = state_arrays(model), model_spec(model)
+    rule = instance.server_rule(config, spec)  # FedBiF / FedPM: their own downlink
+    downlink = weights if rule is None else rule.downlink(rule.initial(weights), 1)
+    data = TensorData(
+        torch.randn(EXAMPLES, *shape, generator=gen),
+        torch.randint(0, 10, (EXAMPLES,), generator=gen),
+    )
+    task = client_task(
+        instance, data, downlink, partition_id=0, server_round=1, device=torch.device("cpu")
+    )
     update = instance.train(task)
     pack = arrays_to_record if instance.payload_kind == "dense" else payload_to_record
     return wire_bytes(pack(update.payload)) * 8 / task.spec.num_params

@@ -85,12 +85,16 @@ def test_gradients_match_eq8_eq9_in_all_regions() -> None:
     torch.testing.assert_close(alpha.grad.double(), (upstream.double() * ds_dalpha).sum())
 
 
-def test_gradients_on_channels_last_tensor() -> None:
-    """Eq. 8-9 on a channels_last conv weight (the layout the CPU trainer uses)."""
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (64, 32, 3, 3)])  # small and large paths
+def test_gradients_on_conv_shaped_tensors(
+    layout: torch.memory_format, shape: tuple[int, ...]
+) -> None:
+    """Eq. 8-9 on conv weights in both layouts the trainer uses (CPU: channels_last)."""
     gen = torch.Generator().manual_seed(9)
-    m0 = torch.empty(16, 8, 3, 3).uniform_(-0.6, 0.6, generator=gen)
-    m = m0.contiguous(memory_format=torch.channels_last).requires_grad_()
-    upstream = torch.randn(16, 8, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last)
+    m0 = torch.empty(shape).uniform_(-0.6, 0.6, generator=gen)
+    m = m0.contiguous(memory_format=layout).requires_grad_()
+    upstream = torch.randn(shape, generator=gen).contiguous(memory_format=layout)
     alpha = torch.tensor(ALPHA, requires_grad=True)
     out = binarize(m, alpha, gen)
     out.backward(upstream)
@@ -98,7 +102,7 @@ def test_gradients_on_channels_last_tensor() -> None:
     md, g = m0.double(), upstream.double()
     inside = (md.abs() <= ALPHA).double()
     ds_dalpha = (out.detach().double() / ALPHA) - inside * md / ALPHA  # Eq. 9, all regions
-    assert m.grad.is_contiguous(memory_format=torch.channels_last)
+    assert m.grad.is_contiguous(memory_format=layout)
     assert torch.equal(m.grad.double(), g * inside)
     torch.testing.assert_close(alpha.grad.double(), (g * ds_dalpha).sum(), rtol=1e-5, atol=1e-6)
 
@@ -150,8 +154,8 @@ def test_parametrization_node_matches_operator(alpha_e: float) -> None:
     """Eq. 8-10, 14: the parametrization's fused node gives the weight and gradients of
     w + S(m, alpha()) built from alpha() and StochasticBinarize."""
     gen = torch.Generator().manual_seed(8)
-    w = torch.randn(400, generator=gen)
-    upstream = torch.randn(400, generator=gen)
+    w = torch.randn(20_000, generator=gen)  # above _SMALL: the flat dot-product path
+    upstream = torch.randn(20_000, generator=gen)
     layer = BinarizedUpdate(w, rho=6.0, alpha_min=1e-4, alpha_max=0.2, generator=gen)
     with torch.no_grad():
         layer.update.uniform_(-0.1, 0.1, generator=gen)

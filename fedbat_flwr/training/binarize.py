@@ -24,6 +24,8 @@ import math
 import torch
 from torch.autograd.function import FunctionCtx
 
+_SMALL = 16_384  # elements below which a temporary costs less than the layout checks
+
 
 def sample_binarized(
     m: torch.Tensor, alpha: torch.Tensor, generator: torch.Generator | None = None
@@ -35,7 +37,7 @@ def sample_binarized(
     """
     # zeta - 1/2 in one pass: uniform_(-0.5, 0.5) consumes the generator exactly like rand_like.
     r = torch.empty_like(m).uniform_(-0.5, 0.5, generator=generator)
-    return torch.copysign(alpha, r.addcdiv_(m, 2 * alpha), out=r)
+    return torch.copysign(alpha, r.addcdiv_(m, alpha, value=0.5), out=r)
 
 
 def inside_bounds(alpha: torch.Tensor) -> tuple[float, float]:
@@ -61,7 +63,9 @@ def straight_through_grads(
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum(a * b) in one pass, pairing flat storages when both share one dense layout."""
+    """sum(a * b); one pass without a temporary for large tensors sharing one dense layout."""
+    if a.numel() < _SMALL:  # BatchNorm-sized: fewest Python calls wins
+        return (a * b).sum()
     dense = a.is_contiguous() or a.is_contiguous(memory_format=torch.channels_last)
     if dense and a.stride() == b.stride():
         n = a.numel()
