@@ -469,6 +469,10 @@ def _panel(
         )
     if x.log:
         ax.set_xscale("log")
+    else:  # rounds are whole numbers
+        from matplotlib.ticker import MaxNLocator  # matplotlib loads only when plotting
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(column_label(column))
     ax.set_xlabel(x.label)
     ax.grid(True, alpha=0.3)
