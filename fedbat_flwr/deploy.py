@@ -50,6 +50,7 @@ from .localrun import (
     run_config_arg,
     stop_leftovers,
     stop_process_group,
+    stop_trees,
 )
 
 CONNECTION = "deploy"  # the SuperLink connection's name in $FLWR_HOME/config.toml
@@ -495,24 +496,6 @@ def stream_command(
     finally:
         if proc.poll() is None:
             stop_process_group(proc)
-
-
-def stop_trees(procs: Sequence[subprocess.Popen[Any]], grace: float = 10.0) -> None:
-    """SIGTERM every process of every tree, one shared grace period, then SIGKILL the rest.
-
-    Stopping the trees one after another (`stop_process_group`) would add up N grace periods.
-    """
-    live = [proc for proc in procs if proc.poll() is None]
-    pids = [pid for proc in live for pid in (proc.pid, *descendants(proc.pid))]
-    _signal_all(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-        for proc in live:
-            proc.poll()  # reap our direct children as they exit
-        time.sleep(0.1)
-    _signal_all([pid for pid in pids if _alive(pid)], signal.SIGKILL)
-    for proc in live:
-        proc.wait()
 
 
 def all_gone(pids: Sequence[int]) -> bool:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -241,15 +241,25 @@ def descendants(pid: int) -> list[int]:
 
 def stop_process_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
     """Stop `proc` and all its descendants by PID: SIGTERM, wait `grace` s, then SIGKILL."""
-    pids = [proc.pid, *descendants(proc.pid)]
+    stop_trees([proc], grace)
+
+
+def stop_trees(procs: Sequence[subprocess.Popen[Any]], grace: float = 10.0) -> None:
+    """SIGTERM every process of every tree, one shared grace period, then SIGKILL the rest.
+
+    Stopping the trees one after another would add up N grace periods.
+    """
+    live = [proc for proc in procs if proc.poll() is None]
+    pids = [pid for proc in live for pid in (proc.pid, *descendants(proc.pid))]
     _signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    with suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace)
-    while time.monotonic() < deadline and any(_alive(p) for p in pids[1:]):
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        for proc in live:
+            proc.poll()  # reap our direct children as they exit
         time.sleep(0.1)
-    _signal_all([p for p in pids if _alive(p)], signal.SIGKILL)
-    proc.wait()
+    _signal_all([pid for pid in pids if _alive(pid)], signal.SIGKILL)
+    for proc in live:
+        proc.wait()
 
 
 def _signal_all(pids: list[int], sig: signal.Signals) -> None:
