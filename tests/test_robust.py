@@ -24,18 +24,17 @@ import torch
 
 from fedbat_flwr.config import RunConfig
 from fedbat_flwr.data import DataUnavailableError, TensorData, load_partition, load_test_set
-from fedbat_flwr.methods import LocalTask, get_method
+from fedbat_flwr.methods import client_task, get_method
 from fedbat_flwr.records import payload_to_record, record_to_arrays
 from fedbat_flwr.strategy import build_strategy
 from fedbat_flwr.task import (
     build_model_for,
-    client_seed,
     data_config,
     load_state,
     model_spec,
     state_arrays,
 )
-from fedbat_flwr.training import TensorBatches, evaluate, prepare_model
+from fedbat_flwr.training import evaluate, prepare_model
 from fedbat_flwr.wire import AlphaBounds, ModelSpec, decode_payload, encode_signs
 from tests.strategy_helpers import reply
 
@@ -79,22 +78,13 @@ class Federation:
         """The payload and example count client `pid` sends, trained as the ClientApp does."""
         key = (_digest(global_state), pid, server_round)
         if key not in self._cache:
-            model = build_model_for(CONFIG)
-            load_state(model, global_state)
-            device = torch.device("cpu")
-            seed = client_seed(CONFIG, server_round, pid)
-            data = self.partitions[pid]
-            task = LocalTask(
-                model=prepare_model(model, device),
-                global_state=global_state,
-                spec=self.spec,
-                batches=TensorBatches(
-                    data.x, data.y, CONFIG.batch_size, torch.Generator().manual_seed(seed)
-                ),
-                config=CONFIG,
-                device=device,
-                seed=seed,
+            task = client_task(
+                self.method,
+                self.partitions[pid],
+                global_state,
+                partition_id=pid,
                 server_round=server_round,
+                device=torch.device("cpu"),
             )
             update = self.method.train(task)
             self._cache[key] = (update.payload, update.num_examples)
