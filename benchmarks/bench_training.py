@@ -60,15 +60,14 @@ def _sgd(model: nn.Module, batches: TensorBatches) -> Callable[[], None]:
 
 def _fedbat(model: nn.Module, batches: TensorBatches, binarizing: bool) -> Callable[[], None]:
     """Steps of FedBAT: warm-up (Eq. 12) or binarization-aware (Eq. 14, m and alpha_e learned)."""
-    layers = attach_binarized_updates(
+    updates = attach_binarized_updates(
         model, rho=6.0, alpha_min=5e-4, alpha_max=5e-2, generator=torch.Generator().manual_seed(0)
     )
     with torch.no_grad():
-        for layer in layers.values():
-            layer.update.uniform_(-0.01, 0.01)
-            if binarizing:
-                layer.start_binarization()
-    params = [p for layer in layers.values() for p in (layer.update, layer.alpha_e)]
+        updates.update.uniform_(-0.01, 0.01)
+    if binarizing:
+        updates.start_binarization()
+    params = [updates.update, updates.alpha_e]
     return lambda: run_sgd(model, params, batches, epochs=1, lr=0.01, device=CPU)
 
 

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedbat_flwr.training import BinarizedUpdate, binarize
+from fedbat_flwr.training import BinarizedUpdates, binarize
+from fedbat_flwr.training.parametrize import step_size
 
 ALPHA = 0.5
 DRAWS = 200_000
@@ -130,6 +131,11 @@ def test_same_seed_same_bits_fresh_noise_each_call() -> None:
     assert not torch.equal(binarize(m, ALPHA, gen), binarize(m, ALPHA, gen))
 
 
+def _updates(*tensors: torch.Tensor, **kwargs: object) -> BinarizedUpdates:
+    options = {"rho": 6.0, "alpha_min": 5e-4, "alpha_max": 5e-2, **kwargs}
+    return BinarizedUpdates({f"t{i}": t for i, t in enumerate(tensors)}, **options)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     alpha_init=st.floats(0.0, 1.0),
@@ -138,53 +144,62 @@ def test_same_seed_same_bits_fresh_noise_each_call() -> None:
 )
 def test_step_size_eq10_positive_and_clamped(alpha_init: float, alpha_e: float, rho: float) -> None:
     """Eq. 10: alpha = alpha' exp(rho alpha_e), clamped into [alpha_min, alpha_max] (so > 0)."""
-    layer = BinarizedUpdate(torch.zeros(3), rho=rho, alpha_min=5e-4, alpha_max=5e-2)
+    updates = _updates(torch.zeros(3), rho=rho)
     with torch.no_grad():
-        layer.alpha_init.fill_(alpha_init)
-        layer.alpha_e.fill_(alpha_e)
-    alpha = layer.alpha().item()
+        updates.alpha_init.fill_(alpha_init)
+        updates.alpha_e.fill_(alpha_e)
+    alpha = updates.alpha().item()
     expected = min(max(alpha_init * math.exp(rho * alpha_e), 5e-4), 5e-2)
     lo, hi = torch.tensor([5e-4, 5e-2]).tolist()  # the float32 bounds
     assert 0 < lo <= alpha <= hi
     assert alpha == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("alpha_e", [0.05, 2.0])  # inside the clamp, clamped at alpha_max
-def test_parametrization_node_matches_operator(alpha_e: float) -> None:
-    """Eq. 8-10, 14: the parametrization's fused node gives the weight and gradients of
-    w + S(m, alpha()) built from alpha() and StochasticBinarize."""
+def test_whole_model_node_matches_operator_per_tensor() -> None:
+    """Eq. 8-10, 14: the one node for all tensors gives, tensor by tensor, the weight and
+    gradients of w + S(m, alpha()) built from alpha() and StochasticBinarize; one tensor's
+    alpha is clamped at alpha_max (no alpha_e gradient), one tensor is empty."""
     gen = torch.Generator().manual_seed(8)
-    w = torch.randn(20_000, generator=gen)  # above _SMALL: the flat dot-product path
-    upstream = torch.randn(20_000, generator=gen)
-    layer = BinarizedUpdate(w, rho=6.0, alpha_min=1e-4, alpha_max=0.2, generator=gen)
+    shapes = [(64, 32, 3, 3), (0,), (300,), (7, 5)]
+    ws = [torch.randn(shape, generator=gen) for shape in shapes]
+    upstream = [torch.randn(shape, generator=gen) for shape in shapes]
+    updates = _updates(*ws, alpha_min=1e-4, alpha_max=0.2, generator=gen)
     with torch.no_grad():
-        layer.update.uniform_(-0.1, 0.1, generator=gen)
-        layer.start_binarization()
-        layer.alpha_e.fill_(alpha_e)
+        updates.update.uniform_(-0.1, 0.1, generator=gen)
+    updates.start_binarization()
+    with torch.no_grad():
+        updates.alpha_e.copy_(torch.tensor([0.05, 0.0, 2.0, -0.1]))
     state = gen.get_state()
-    grads = []
-    for fused in (True, False):
-        gen.set_state(state)
-        out = layer(w) if fused else w + binarize(layer.update, layer.alpha(), gen)
-        out.backward(upstream)
-        grads.append((out.detach(), layer.update.grad, layer.alpha_e.grad))
-        layer.update.grad = layer.alpha_e.grad = None
-    (out_f, gm_f, ge_f), (out_u, gm_u, ge_u) = grads
-    assert torch.equal(out_f, out_u)
-    assert torch.equal(gm_f, gm_u)
-    torch.testing.assert_close(ge_f, ge_u)
-    assert (ge_f.item() == 0.0) == (alpha_e == 2.0)
+    out = updates.weights()
+    torch.autograd.backward(out, upstream)
+    grad_m, grad_e = updates.update.grad.clone(), updates.alpha_e.grad.clone()
+
+    gen.set_state(state)  # the node draws tensor after tensor from the same generator
+    m = updates.update.detach().clone().requires_grad_()
+    alpha_e = updates.alpha_e.detach().clone().requires_grad_()
+    alpha = step_size(alpha_e, updates.alpha_init, 6.0, 1e-4, 0.2)
+    reference = [
+        w + binarize(chunk.view(w.shape), a, gen)
+        for w, chunk, a in zip(ws, m.split(updates.sizes), alpha.unbind(), strict=True)
+    ]
+    torch.autograd.backward(reference, upstream)
+    for got, want in zip(out, reference, strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(grad_m, m.grad)
+    torch.testing.assert_close(grad_e, alpha_e.grad)
+    assert grad_e[2].item() == 0.0 and grad_e[1].item() == 0.0
+    assert grad_e[0].item() != 0.0 and grad_e[3].item() != 0.0
 
 
 def test_step_size_gradient_through_alpha_e() -> None:
     """Eq. 10: d alpha / d alpha_e = rho alpha inside the clamp, 0 when clamped."""
-    layer = BinarizedUpdate(torch.zeros(3), rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
+    updates = _updates(torch.zeros(3))
     with torch.no_grad():
-        layer.alpha_init.fill_(0.01)
-    layer.alpha().backward()
-    assert layer.alpha_e.grad.item() == pytest.approx(6.0 * 0.01)
-    layer.alpha_e.grad = None
+        updates.alpha_init.fill_(0.01)
+    updates.alpha().sum().backward()
+    assert updates.alpha_e.grad.item() == pytest.approx(6.0 * 0.01)
+    updates.alpha_e.grad = None
     with torch.no_grad():
-        layer.alpha_e.fill_(1.0)  # 0.01 e^6 > alpha_max: clamped
-    layer.alpha().backward()
-    assert layer.alpha_e.grad.item() == 0.0
+        updates.alpha_e.fill_(1.0)  # 0.01 e^6 > alpha_max: clamped
+    updates.alpha().sum().backward()
+    assert updates.alpha_e.grad.item() == 0.0

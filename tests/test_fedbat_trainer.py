@@ -13,15 +13,17 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import fedbat_flwr.training.fedbat as fedbat_module
 from fedbat_flwr.training import (
     CNN4,
-    BinarizedUpdate,
+    BinarizedUpdates,
     FedBATConfig,
     ResNet10,
     TensorBatches,
     attach_binarized_updates,
+    binarized_updates_of,
     build_model,
     detach_binarized_updates,
     original_name,
@@ -73,8 +75,10 @@ def _in_bounds(alpha: float, config: FedBATConfig) -> bool:
     return lo <= alpha <= hi
 
 
-def _layers_of(model: nn.Module) -> list[BinarizedUpdate]:
-    return [m for m in model.modules() if isinstance(m, BinarizedUpdate)]
+def _updates_of(model: nn.Module) -> BinarizedUpdates:
+    updates = binarized_updates_of(model)
+    assert updates is not None
+    return updates
 
 
 def _record_run_sgd(monkeypatch: pytest.MonkeyPatch, probe: Callable[[int, nn.Module], None]):
@@ -109,7 +113,7 @@ def test_switch_happens_at_floor_phi_tau(
 ) -> None:
     """Algorithm 1 lines 14-20: steps s < floor(phi tau) full precision, binarized from there."""
     binarizing: list[bool] = []
-    _record_run_sgd(monkeypatch, lambda s, m: binarizing.append(_layers_of(m)[0].binarizing))
+    _record_run_sgd(monkeypatch, lambda s, m: binarizing.append(_updates_of(m).binarizing))
     config = FedBATConfig(epochs=epochs, batch_size=10, phi=phi)
     result = train_fedbat(_tiny_model(), _tiny_batches(n), config, device=CPU, seed=0)
     tau = epochs * n // 10
@@ -134,7 +138,7 @@ def test_phi_zero_starts_at_alpha_min(monkeypatch: pytest.MonkeyPatch) -> None:
     _record_run_sgd(
         monkeypatch,
         lambda s, m: seen.append(
-            (_layers_of(m)[0].alpha_init.item(), _layers_of(m)[0].alpha().item())
+            (_updates_of(m).alpha_init[0].item(), _updates_of(m).alpha()[0].item())
         ),
     )
     config = FedBATConfig(epochs=1, batch_size=10, phi=0.0)
@@ -149,11 +153,13 @@ def test_alpha_init_is_mean_abs_update_at_switch(monkeypatch: pytest.MonkeyPatch
     def probe(step: int, model: nn.Module) -> None:
         if step != 3:
             return
-        for layer in _layers_of(model):
-            assert layer.update.abs().mean().item() > 0  # warm-up moved the update
-            assert layer.alpha_init.item() == pytest.approx(layer.update.abs().mean().item())
-            assert layer.alpha_e.item() == 0.0
-            checked.append("ok")
+        updates = _updates_of(model)
+        for i, name in enumerate(updates.names):
+            mean_abs = updates.update_of(name).abs().mean().item()
+            assert mean_abs > 0  # warm-up moved the update
+            assert updates.alpha_init[i].item() == pytest.approx(mean_abs)
+            assert updates.alpha_e[i].item() == 0.0
+            checked.append(name)
 
     _record_run_sgd(monkeypatch, probe)
     config = FedBATConfig(epochs=1, batch_size=10, phi=0.5)  # tau = 7 -> switch at 3
@@ -167,7 +173,7 @@ def test_rho_zero_keeps_alpha_at_alpha_init(monkeypatch: pytest.MonkeyPatch) -> 
 
     def probe(step: int, model: nn.Module) -> None:
         if step == 3:
-            initial.update({i: la.alpha_init.item() for i, la in enumerate(_layers_of(model))})
+            initial.update(enumerate(_updates_of(model).alpha_init.tolist()))
 
     _record_run_sgd(monkeypatch, probe)
     config = FedBATConfig(epochs=1, batch_size=10, phi=0.5, rho=0.0)
@@ -180,15 +186,15 @@ def test_rho_zero_keeps_alpha_at_alpha_init(monkeypatch: pytest.MonkeyPatch) -> 
 def test_rho_positive_learns_alpha() -> None:
     """Eq. 9-10: alpha_e gets gradients through S, so with rho > 0 some alpha moves off alpha'."""
     model = _tiny_model()
-    layers = attach_binarized_updates(model, rho=6.0, alpha_min=1e-6, alpha_max=1.0)
+    updates = attach_binarized_updates(model, rho=6.0, alpha_min=1e-6, alpha_max=1.0)
     with torch.no_grad():
-        for layer in layers.values():
-            layer.update.uniform_(-0.05, 0.05)
-            layer.start_binarization()
-    before = {k: la.final_alpha() for k, la in layers.items()}
-    params = [p for la in layers.values() for p in (la.update, la.alpha_e)]
+        updates.update.uniform_(-0.05, 0.05)
+    updates.start_binarization()
+    before = updates.final_alphas()
+    params = [updates.update, updates.alpha_e]
     run_sgd(model, params, _tiny_batches(), epochs=2, lr=0.1, device=CPU)
-    assert any(layers[k].final_alpha() != pytest.approx(v) for k, v in before.items())
+    after = updates.final_alphas()
+    assert any(after[k] != pytest.approx(v) for k, v in before.items())
     detach_binarized_updates(model)
 
 
@@ -200,19 +206,17 @@ def test_final_bits_and_alpha_are_the_parametrized_weight() -> None:
     layer_module = nn.Linear(6, 4)
     w = layer_module.weight.detach().clone()
     gen = torch.Generator().manual_seed(0)
-    layers = attach_binarized_updates(
+    updates = attach_binarized_updates(
         layer_module, rho=6.0, alpha_min=5e-4, alpha_max=5e-2, generator=gen
     )
-    layer = layers["weight"]
     update = torch.linspace(-0.04, 0.04, 24).reshape(4, 6)
-    with torch.no_grad():
-        layer.update.copy_(update)
-        layer.start_binarization()
+    updates.update_of("weight").copy_(update)
+    updates.start_binarization()
     state = gen.get_state()
     used = layer_module.weight.detach().clone()
     gen.set_state(state)
-    bits = layer.final_bits()
-    alpha = layer.final_alpha()
+    bits = updates.final_bits()["weight"]
+    alpha = updates.final_alphas()["weight"]
     assert alpha == pytest.approx(update.abs().mean().item())  # Eq. 13, rho alpha_e = 0
     torch.testing.assert_close(used, w + alpha * (2 * bits.float() - 1), rtol=0, atol=0)
 
@@ -289,14 +293,13 @@ def test_attach_detach_restores_exact_weights_and_names() -> None:
     names = list(model.state_dict())
     params_before = dict(model.named_parameters())
     values_before = {k: v.detach().clone() for k, v in params_before.items()}
-    layers = attach_binarized_updates(model, rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
-    assert list(layers) == list(params_before)
+    updates = attach_binarized_updates(model, rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
+    assert updates.names == tuple(params_before)
     assert all(not p.requires_grad for k, p in model.named_parameters() if k.endswith(".original"))
     originals = {original_name(k) for k in model.state_dict() if k.endswith(".original")}
     assert originals == set(params_before)
     with torch.no_grad():
-        for layer in layers.values():
-            layer.update.normal_()
+        updates.update.normal_()
     model(torch.randn(2, 1, 28, 28))
     detach_binarized_updates(model)
     assert list(model.state_dict()) == names
@@ -325,9 +328,8 @@ def test_warmup_forward_is_w_plus_update() -> None:
     """Eq. 12: before binarization the parametrized weight is w + m (full precision)."""
     lin = nn.Linear(3, 2)
     w = lin.weight.detach().clone()
-    layers = attach_binarized_updates(lin, rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
-    with torch.no_grad():
-        layers["weight"].update.fill_(0.25)
+    updates = attach_binarized_updates(lin, rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
+    updates.update_of("weight").fill_(0.25)
     torch.testing.assert_close(lin.weight, w + 0.25)
 
 
@@ -429,3 +431,49 @@ def test_run_sgd_calls_on_step_before_each_step() -> None:
         on_step=seen.append,
     )
     assert steps == 14 and seen == list(range(14)) and math.isfinite(loss)
+
+
+# --- one flat buffer: every weight a view with its parameter's layout, one draw per forward ---
+
+
+@pytest.mark.parametrize("model_fn", [lambda: CNN4(), lambda: ResNet10(in_channels=3)])
+def test_parametrized_weights_keep_layout_and_values(model_fn: Callable[[], nn.Module]) -> None:
+    """w + 0 is w itself, with the parameter's strides (channels_last convs stay channels_last,
+    1-input-channel conv included), so oneDNN keeps its fast layout."""
+    model = prepare_model(model_fn(), CPU)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    strides = {k: p.stride() for k, p in model.named_parameters()}
+    updates = attach_binarized_updates(model, rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
+    for name, weight in zip(updates.names, updates.weights(), strict=True):
+        assert weight.stride() == strides[name], name
+        assert torch.equal(weight, before[name]), name
+    detach_binarized_updates(model)
+
+
+def test_one_sample_of_s_per_forward_pass() -> None:
+    """Eq. 14: a forward pass draws S once for the whole model (one noise entry per parameter
+    entry), whichever layers read their weight."""
+    model = prepare_model(CNN4(), CPU)
+    gen = torch.Generator().manual_seed(3)
+    updates = attach_binarized_updates(
+        model, rho=6.0, alpha_min=5e-4, alpha_max=5e-2, generator=gen
+    )
+    updates.update.detach().uniform_(-0.01, 0.01)
+    updates.start_binarization()
+    expected = torch.Generator().manual_seed(3)
+    model(torch.randn(2, 1, 28, 28).contiguous(memory_format=torch.channels_last))
+    torch.empty(updates.update.numel()).uniform_(generator=expected)
+    assert torch.equal(gen.get_state(), expected.get_state())
+    detach_binarized_updates(model)
+
+
+def test_attach_rejects_non_dense_and_mixed_parameters() -> None:
+    """A parameter with gaps, or parameters of two dtypes, cannot share one flat buffer."""
+    strided = nn.Linear(3, 2)
+    strided.weight = nn.Parameter(torch.randn(2, 6)[:, ::2])
+    with pytest.raises(ValueError, match="'weight' is not dense"):
+        attach_binarized_updates(strided, rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
+    mixed = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2).double())
+    with pytest.raises(ValueError, match="mix dtypes"):
+        attach_binarized_updates(mixed, rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
+    assert not parametrize.is_parametrized(mixed[0])

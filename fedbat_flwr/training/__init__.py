@@ -13,8 +13,9 @@ from fedbat_flwr.training.loop import (
 )
 from fedbat_flwr.training.models import CNN4, MODEL_NAMES, ResNet10, build_model
 from fedbat_flwr.training.parametrize import (
-    BinarizedUpdate,
+    BinarizedUpdates,
     attach_binarized_updates,
+    binarized_updates_of,
     detach_binarized_updates,
     original_name,
 )
@@ -22,7 +23,7 @@ from fedbat_flwr.training.parametrize import (
 __all__ = [
     "CNN4",
     "MODEL_NAMES",
-    "BinarizedUpdate",
+    "BinarizedUpdates",
     "FedBATConfig",
     "FedBATResult",
     "ResNet10",
@@ -30,6 +31,7 @@ __all__ = [
     "TensorBatches",
     "attach_binarized_updates",
     "binarize",
+    "binarized_updates_of",
     "build_model",
     "default_device",
     "detach_binarized_updates",

@@ -81,7 +81,7 @@ def train_fedbat(
         raise ValueError("batches is empty: a client needs at least one example to train")
     model = prepare_model(model, device)
     noise = torch.Generator(device=device).manual_seed(seed)
-    layers = attach_binarized_updates(
+    updates = attach_binarized_updates(
         model,
         rho=config.rho,
         alpha_min=config.alpha_min,
@@ -93,14 +93,12 @@ def train_fedbat(
 
     def on_step(step: int) -> None:
         if step == switch:
-            for layer in layers.values():
-                layer.start_binarization()
+            updates.start_binarization()
 
-    params = [p for layer in layers.values() for p in (layer.update, layer.alpha_e)]
     try:
         steps, train_loss = run_sgd(
             model,
-            params,
+            [updates.update, updates.alpha_e],
             batches,
             epochs=config.epochs,
             lr=config.lr,
@@ -109,8 +107,8 @@ def train_fedbat(
         )
         if switch >= steps:  # phi = 1: no binarized step ran
             on_step(switch)
-        bits = {k: _to_numpy(layer.final_bits()) for k, layer in layers.items()}
-        alphas = {k: layer.final_alpha() for k, layer in layers.items()}
+        bits = {k: _to_numpy(b) for k, b in updates.final_bits().items()}
+        alphas = updates.final_alphas()
     finally:
         detach_binarized_updates(model)
     return FedBATResult(bits, alphas, batches.num_examples, train_loss, steps, switch)
