@@ -51,13 +51,14 @@ from fedbat_flwr.wire.binary import split_spec
 from fedbat_flwr.wire.codecs import register_codec
 from fedbat_flwr.wire.errors import PayloadError
 from fedbat_flwr.wire.fields import (
-    FLOAT32_MAX,
+    ANY_STEP,
     check_fields,
     check_header,
     check_length,
     check_names,
     check_pad_bits,
     check_weight,
+    dense_by_accumulating,
     flat_target,
     make_header,
     read_only_copy,
@@ -345,15 +346,11 @@ class FedBiFBitsDecoded:
         for name in self.view.planes:
             flat_target(acc, self.view.spec[name])[:] += w * self.view.active_value(name)
         signs = self.view.signs
-        accumulate_signs(acc, signs, signs.spec, _ANY_STEP, weight)
+        accumulate_signs(acc, signs, signs.spec, ANY_STEP, weight)
 
     def delta(self) -> dict[str, np.ndarray]:
-        out = {t.name: np.zeros(t.shape, np.float32) for t in self.view.spec}
-        self.accumulate(out, 1.0)
-        return out
+        return dense_by_accumulating(self.view.spec, self.accumulate)
 
-
-_ANY_STEP = AlphaBounds(param=(0.0, FLOAT32_MAX), stat=(0.0, FLOAT32_MAX))
 
 register_codec(
     "fedbif-bits",

@@ -60,13 +60,14 @@ from fedbat_flwr.wire.binary import is_binarized
 from fedbat_flwr.wire.codecs import register_codec
 from fedbat_flwr.wire.errors import PayloadError
 from fedbat_flwr.wire.fields import (
-    FLOAT32_MAX,
+    ANY_STEP,
     check_fields,
     check_header,
     check_length,
     check_names,
     check_pad_bits,
     check_weight,
+    dense_by_accumulating,
     flat_target,
     make_header,
     read_only_copy,
@@ -332,19 +333,14 @@ class FedPMDecoded:
     def add_stats(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
         """In place ``acc[name] += weight * alpha * (±1)`` for every statistic."""
         signs = self.view.signs
-        accumulate_signs(acc, signs, signs.spec, _ANY_STEP, weight)
+        accumulate_signs(acc, signs, signs.spec, ANY_STEP, weight)
 
     def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
         self.add_masks(acc, weight)
         self.add_stats(acc, weight)
 
     def delta(self) -> dict[str, np.ndarray]:
-        out = {t.name: np.zeros(t.shape, np.float32) for t in self.view.spec}
-        self.accumulate(out, 1.0)  # frozen tensors stay 0
-        return out
-
-
-_ANY_STEP = AlphaBounds(param=(0.0, FLOAT32_MAX), stat=(0.0, FLOAT32_MAX))
+        return dense_by_accumulating(self.view.spec, self.accumulate)  # frozen tensors stay 0
 
 
 def decode_fedpm(

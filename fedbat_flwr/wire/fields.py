@@ -8,15 +8,18 @@ A layout is data (a ``{key: (dtype, ndim)}`` table); these helpers turn a violat
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 
 import numpy as np
 
 from fedbat_flwr.wire.errors import PayloadError
-from fedbat_flwr.wire.spec import ModelSpec, TensorSpec
+from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec, TensorSpec
 
 MAGIC = b"FB"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+ANY_STEP = AlphaBounds(param=(0.0, FLOAT32_MAX), stat=(0.0, FLOAT32_MAX))
+"""Bounds for sign payloads whose step sizes another rule already checked."""
 
 Layout = Mapping[str, tuple[np.dtype, int]]
 """Field key -> (exact dtype, ndim)."""
@@ -141,3 +144,15 @@ def check_names(given: Mapping[str, object], spec: ModelSpec, field: str) -> Non
     for name in given:
         if name not in expected:
             raise PayloadError(name, field, "unexpected tensor (allowed: the spec's tensors)")
+
+
+def dense_by_accumulating(
+    spec: ModelSpec, accumulate: Callable[[MutableMapping[str, np.ndarray], float], None]
+) -> dict[str, np.ndarray]:
+    """The dense update an ``accumulate(acc, weight)`` adds: zeros per tensor, accumulated once.
+
+    Every codec's ``delta()``: decoding stays the one code path the streaming server uses.
+    """
+    out = {t.name: np.zeros(t.shape, np.float32) for t in spec}
+    accumulate(out, 1.0)
+    return out

@@ -39,6 +39,7 @@ from fedbat_flwr.wire.fields import (
     check_names,
     check_pad_bits,
     check_weight,
+    dense_by_accumulating,
     flat_target,
     make_header,
     read_only_copy,
@@ -223,9 +224,7 @@ def accumulate_kbit(acc: MutableMapping[str, np.ndarray], view: KbitPayload, wei
 
 def decode_kbit(view: KbitPayload) -> dict[str, np.ndarray]:
     """Dense float32 dequantized update per tensor, in the tensor's shape."""
-    out = {t.name: np.zeros(t.shape, np.float32) for t in view.spec}
-    accumulate_kbit(out, view, 1.0)
-    return out
+    return dense_by_accumulating(view.spec, lambda acc, w: accumulate_kbit(acc, view, w))
 
 
 @dataclass(frozen=True)

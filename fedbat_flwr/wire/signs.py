@@ -32,7 +32,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedbat_flwr.wire.errors import PayloadError
-from fedbat_flwr.wire.fields import MAGIC, check_fields, check_header, flat_target
+from fedbat_flwr.wire.fields import (
+    MAGIC,
+    check_fields,
+    check_header,
+    dense_by_accumulating,
+    flat_target,
+)
 from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec, TensorSpec
 
 SIGNS_CODEC_ID = 1
@@ -100,9 +106,9 @@ def decode_signs(
     payload: Mapping[str, np.ndarray] | SignsPayload, spec: ModelSpec, bounds: AlphaBounds
 ) -> dict[str, np.ndarray]:
     """Dense float32 ``alpha * (±1)`` per tensor, in the tensor's shape (validates first)."""
-    out = {t.name: np.zeros(t.shape, np.float32) for t in spec}
-    accumulate_signs(out, payload, spec, bounds, 1.0)
-    return out
+    return dense_by_accumulating(
+        spec, lambda acc, weight: accumulate_signs(acc, payload, spec, bounds, weight)
+    )
 
 
 def accumulate_signs(

@@ -42,6 +42,7 @@ from fedbat_flwr.wire.fields import (
     check_names,
     check_pad_bits,
     check_weight,
+    dense_by_accumulating,
     flat_target,
     make_header,
     read_only_copy,
@@ -242,9 +243,7 @@ def accumulate_sparse(
 
 def decode_sparse(view: SparsePayload) -> dict[str, np.ndarray]:
     """Dense float32 update per tensor (zeros where nothing was kept)."""
-    out = {t.name: np.zeros(t.shape, np.float32) for t in view.spec}
-    accumulate_sparse(out, view, 1.0)
-    return out
+    return dense_by_accumulating(view.spec, lambda acc, w: accumulate_sparse(acc, view, w))
 
 
 @dataclass(frozen=True)
