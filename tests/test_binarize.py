@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedbat_flwr.training import BinarizedUpdates, binarize
+from fedbat_flwr.training.binarize import centred_uniform
 from fedbat_flwr.training.parametrize import step_size
 
 ALPHA = 0.5
@@ -58,9 +59,23 @@ def test_bits_follow_eq7_floor_with_the_same_noise() -> None:
     """Eq. 7: bit = floor((alpha + m) / (2 alpha) + zeta), clipped to {0, 1}, for the drawn zeta."""
     m = torch.linspace(-0.9, 0.9, 1001)
     out = binarize(m, ALPHA, torch.Generator().manual_seed(4))
-    zeta = torch.rand(m.shape, generator=torch.Generator().manual_seed(4))
+    zeta = centred_uniform(m, torch.Generator().manual_seed(4)) + 0.5
     expected = torch.floor((ALPHA + m.double()) / (2 * ALPHA) + zeta.double()) >= 1
     assert torch.equal(out > 0, expected)
+
+
+def test_noise_is_uniform_on_its_grid() -> None:
+    """Eq. 7's zeta - 1/2: in [-1/2, 1/2) on a 2^-23 grid, every 64th of the range equally
+    likely (chi-square over 1M draws, odd count: the last 64-bit draw is half used)."""
+    n = 1_000_001
+    noise = centred_uniform(torch.empty(n), torch.Generator().manual_seed(11)).double()
+    assert noise.shape == (n,) and noise.min() >= -0.5 and noise.max() < 0.5
+    assert torch.equal(noise * 2**23, torch.round(noise * 2**23))
+    counts = torch.histc(noise, bins=64, min=-0.5, max=0.5)
+    expected = n / 64
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 120  # 63 degrees of freedom: P(chi2 > 120) ~ 1e-5
+    assert centred_uniform(torch.empty(3, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_gradients_match_eq8_eq9_in_all_regions() -> None:
@@ -160,7 +175,7 @@ def test_whole_model_node_matches_operator_per_tensor() -> None:
     gradients of w + S(m, alpha()) built from alpha() and StochasticBinarize; one tensor's
     alpha is clamped at alpha_max (no alpha_e gradient), one tensor is empty."""
     gen = torch.Generator().manual_seed(8)
-    shapes = [(64, 32, 3, 3), (0,), (300,), (7, 5)]
+    shapes = [(64, 32, 3, 3), (0,), (300,), (7, 6)]  # even sizes: draws line up per tensor
     ws = [torch.randn(shape, generator=gen) for shape in shapes]
     upstream = [torch.randn(shape, generator=gen) for shape in shapes]
     updates = _updates(*ws, alpha_min=1e-4, alpha_max=0.2, generator=gen)

@@ -31,6 +31,7 @@ from fedbat_flwr.training import (
     run_sgd,
     train_fedbat,
 )
+from fedbat_flwr.training.binarize import centred_uniform
 
 CPU = torch.device("cpu")
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -462,7 +463,7 @@ def test_one_sample_of_s_per_forward_pass() -> None:
     updates.start_binarization()
     expected = torch.Generator().manual_seed(3)
     model(torch.randn(2, 1, 28, 28).contiguous(memory_format=torch.channels_last))
-    torch.empty(updates.update.numel()).uniform_(generator=expected)
+    centred_uniform(updates.update, expected)  # what one draw for all parameters consumes
     assert torch.equal(gen.get_state(), expected.get_state())
     detach_binarized_updates(model)
 

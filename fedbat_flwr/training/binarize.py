@@ -13,7 +13,9 @@ a shared alpha is two dot products. "Inside" is |q| <= 1, tested on the q the fo
 
 ``alpha`` may be one step size (0-dim) or one per element (the whole-model update of
 ``parametrize.BinarizedUpdates`` expands each tensor's alpha over its entries). Everything is
-float kernels: bool masks and ``torch.where`` are ~10x slower on CPU.
+float kernels: bool masks and ``torch.where`` are ~10x slower on CPU. The noise is the largest
+extra cost of a binarized step on CPU (torch's generator is single-threaded), hence
+``centred_uniform``.
 """
 
 from __future__ import annotations
@@ -24,18 +26,31 @@ from torch.autograd.function import FunctionCtx
 _ONE_UP = float(torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)))  # |q| < this: inside
 
 
+def centred_uniform(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """zeta - 1/2, zeta ~ U[0, 1) on a 2^-23 grid: one per entry of ``like`` (its shape, C order).
+
+    ~1.5x faster than ``uniform_`` on CPU: one 64-bit draw feeds two entries, and 23 random bits
+    become the mantissa of a float in [1, 2) directly (no int -> float conversion); subtracting
+    1.5 is exact. Drawn as float32, then cast to ``like``'s dtype.
+    """
+    n = like.numel()
+    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=like.device)
+    words.random_(-(2**63), None, generator=generator)  # all 64 bits random
+    mantissas = words.view(torch.int32)[:n].bitwise_and_(0x007FFFFF)
+    one_to_two = mantissas.bitwise_or_(0x3F800000).view(torch.float32)  # exponent of 1.0
+    return one_to_two.sub_(1.5).view(like.shape).to(like.dtype)
+
+
 def sample_binarized(
     m: torch.Tensor, alpha: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw S(m, alpha) (Eq. 6-7); no autograd. Returns (S, q = m / alpha); alpha > 0.
 
-    The noise is drawn in m's memory order: a seeded generator reproduces the bits for the
-    same layout (a channels_last and a contiguous copy of m get different, equally valid draws).
+    A seeded generator reproduces the bits (noise in C order, see ``centred_uniform``).
     """
     q = torch.div(m, alpha)
-    # zeta - 1/2 in one pass: uniform_(-0.5, 0.5) consumes the generator exactly like rand_like.
-    r = torch.empty_like(m).uniform_(-0.5, 0.5, generator=generator)
-    return torch.copysign(alpha, r.add_(q, alpha=0.5), out=r), q
+    r = centred_uniform(m, generator).add_(q, alpha=0.5)  # Eq. 7: +alpha iff r >= 0
+    return torch.copysign(alpha, r, out=r), q
 
 
 def grad_inside(grad: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
