@@ -15,10 +15,10 @@ import numpy as np
 
 from fedbat_flwr.wire.binary import BinaryWeightsDecoded, validate_binary_weights
 from fedbat_flwr.wire.errors import PayloadError
-from fedbat_flwr.wire.fields import FLOAT32_MAX
-from fedbat_flwr.wire.kbit import KbitDecoded, validate_kbit
+from fedbat_flwr.wire.fields import FLOAT32_MAX, dense_by_accumulating
+from fedbat_flwr.wire.kbit import accumulate_kbit, validate_kbit
 from fedbat_flwr.wire.signs import SignsPayload, accumulate_signs, decode_signs, validate_signs
-from fedbat_flwr.wire.sparse import SparseDecoded, validate_sparse
+from fedbat_flwr.wire.sparse import accumulate_sparse, validate_sparse
 from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec
 
 
@@ -151,22 +151,37 @@ def check_stat_steps(
             raise PayloadError(t.name, field, reason)
 
 
+@dataclass(frozen=True)
+class UpdateDecoded:
+    """An update payload (applied as ``w (+) delta``) known by how it adds itself to ``acc``."""
+
+    spec: ModelSpec
+    add: Callable[[MutableMapping[str, np.ndarray], float], None]
+    absolute: ClassVar[bool] = False
+
+    def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
+        self.add(acc, weight)
+
+    def delta(self) -> dict[str, np.ndarray]:
+        return dense_by_accumulating(self.spec, self.add)
+
+
 def _decode_kbit(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
-) -> KbitDecoded:
+) -> UpdateDecoded:
     """A k-bit update: |q| <= its tensor's scale, so a statistic's scale is what is bounded."""
     view = validate_kbit(payload, spec)
     check_stat_steps(spec, [s.reshape(1) for s in view.scales], bounds, "scales")
-    return KbitDecoded(view)
+    return UpdateDecoded(spec, lambda acc, weight: accumulate_kbit(acc, view, weight))
 
 
 def _decode_sparse(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
-) -> SparseDecoded:
+) -> UpdateDecoded:
     """A sparse update: its kept values are the update, so a statistic's values are bounded."""
     view = validate_sparse(payload, spec)
     check_stat_steps(spec, list(view.values), bounds, "values")
-    return SparseDecoded(view)
+    return UpdateDecoded(spec, lambda acc, weight: accumulate_sparse(acc, view, weight))
 
 
 def _decode_signs_unbounded(

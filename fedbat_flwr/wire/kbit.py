@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
@@ -225,17 +224,3 @@ def accumulate_kbit(acc: MutableMapping[str, np.ndarray], view: KbitPayload, wei
 def decode_kbit(view: KbitPayload) -> dict[str, np.ndarray]:
     """Dense float32 dequantized update per tensor, in the tensor's shape."""
     return dense_by_accumulating(view.spec, lambda acc, w: accumulate_kbit(acc, view, w))
-
-
-@dataclass(frozen=True)
-class KbitDecoded:
-    """The wire ``Decoded`` of a k-bit payload (an update, applied as ``w (+) q``)."""
-
-    view: KbitPayload
-    absolute: ClassVar[bool] = False
-
-    def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
-        accumulate_kbit(acc, self.view, weight)
-
-    def delta(self) -> dict[str, np.ndarray]:
-        return decode_kbit(self.view)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
@@ -244,17 +243,3 @@ def accumulate_sparse(
 def decode_sparse(view: SparsePayload) -> dict[str, np.ndarray]:
     """Dense float32 update per tensor (zeros where nothing was kept)."""
     return dense_by_accumulating(view.spec, lambda acc, w: accumulate_sparse(acc, view, w))
-
-
-@dataclass(frozen=True)
-class SparseDecoded:
-    """The wire ``Decoded`` of a sparse payload (an update, applied as ``w (+) delta``)."""
-
-    view: SparsePayload
-    absolute: ClassVar[bool] = False
-
-    def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
-        accumulate_sparse(acc, self.view, weight)
-
-    def delta(self) -> dict[str, np.ndarray]:
-        return decode_sparse(self.view)
