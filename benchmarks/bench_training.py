@@ -87,6 +87,16 @@ def _time_record(name: str, seconds: float) -> dict:
     }
 
 
+def _throughput_record(name: str, step_seconds: float) -> dict:
+    return {
+        "name": name,
+        "value": round(BATCH / step_seconds),
+        "unit": "samples/s",
+        "goal": None,
+        "pass": True,
+    }
+
+
 def run(num_threads: int | None = None) -> list[dict]:
     """Measure and return the records (CPU, channels_last, batch 64).
 
@@ -139,6 +149,8 @@ def _measure(threads: int) -> list[dict]:
         ]
         if rest:
             records.append(_time_record(f"{name}_sgd_step_contiguous", rest[0]))
+            for layout, seconds in (("channels_last", sgd), ("contiguous", rest[0])):
+                records.append(_throughput_record(f"{name}_samples_per_s_{layout}", seconds))
             records.append(_ratio_record(f"{name}_channels_last_speedup", rest[0] / sgd, 1.8, True))
     return records
 
