@@ -84,19 +84,22 @@ def _memory_order(name: str, t: torch.Tensor) -> tuple[int, ...]:
     orders = [by_stride, *itertools.permutations(range(t.dim()))] if t.dim() <= 5 else [by_stride]
     for exact in (True, False):
         for order in orders:
-            expected = 1
-            ok = True
-            for d in reversed(order):
-                if t.stride(d) != expected and (exact or t.shape[d] != 1):
-                    ok = False
-                    break
-                expected *= t.shape[d]
-            if ok:
+            if _contiguous_in(t, order, exact):
                 return tuple(order)
     raise ValueError(
         f"parameter {name!r} is not dense (shape {tuple(t.shape)}, strides {t.stride()}); "
         "binarized updates need each parameter stored without gaps or overlap"
     )
+
+
+def _contiguous_in(t: torch.Tensor, order: Sequence[int], exact: bool) -> bool:
+    """Whether ``t.permute(order)`` has contiguous strides (size-1 dims' checked only if exact)."""
+    expected = 1
+    for d in reversed(order):
+        if t.stride(d) != expected and (exact or t.shape[d] != 1):
+            return False
+        expected *= t.shape[d]
+    return True
 
 
 def _segment_dots(a: torch.Tensor, b: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
