@@ -28,6 +28,7 @@ from fedbat_flwr.training import (
     detach_binarized_updates,
     original_name,
     prepare_model,
+    recompute_batchnorm_statistics,
     run_sgd,
     train_fedbat,
 )
@@ -478,3 +479,20 @@ def test_attach_rejects_non_dense_and_mixed_parameters() -> None:
     with pytest.raises(ValueError, match="mix dtypes"):
         attach_binarized_updates(mixed, rho=6.0, alpha_min=5e-4, alpha_max=5e-2)
     assert not parametrize.is_parametrized(mixed[0])
+
+
+def test_recompute_batchnorm_statistics_is_the_data_average() -> None:
+    """Cumulative average over equal batches: running_mean = mean of the BN input over the data;
+    running_var = mean of the batches' unbiased variances; momentum and mode restored."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 5), nn.BatchNorm1d(5)).eval()
+    x = torch.randn(40, 8)
+    batches = TensorBatches(x, torch.zeros(40, dtype=torch.long), 10, torch.Generator())
+    recompute_batchnorm_statistics(model, batches, device=CPU)
+    with torch.no_grad():
+        h = model[0](x)
+        order = torch.randperm(40, generator=torch.Generator())  # the batches' order
+        var = torch.stack([h[order[i : i + 10]].var(0) for i in range(0, 40, 10)]).mean(0)
+    torch.testing.assert_close(model[1].running_mean, h.mean(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model[1].running_var, var, atol=1e-6, rtol=1e-5)
+    assert model[1].momentum == 0.1 and not model.training

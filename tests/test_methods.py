@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.methods import LocalTask, get_method, method_names
 from fedbat_flwr.methods.bifl import SignSTE
-from fedbat_flwr.methods.common import local_delta
+from fedbat_flwr.methods.common import local_delta, statistics_for_sent_update, train_plain
 from fedbat_flwr.methods.noisy_signsgd import noisy_sign_bits
 from fedbat_flwr.methods.stoc_signsgd import stochastic_sign_bits
 from fedbat_flwr.methods.zerofl import TopKWeights
@@ -162,6 +162,24 @@ def test_signsgd_sends_fixed_alpha_signs() -> None:
     assert update.num_examples == 32 and math.isfinite(update.metrics["train-loss"])
     with pytest.raises(PayloadError, match="out of range"):  # FedBAT's clamp would refuse 0.1
         decode_payload("signs", update.payload, tiny_task().spec, AlphaBounds())
+
+
+def test_sign_methods_send_statistics_of_the_weights_they_send() -> None:
+    """BatchNorm statistics describe global + alpha sign (what the server builds), not the
+    trained model: with a small fixed alpha the two differ completely (FMNIST: chance vs 59 %)."""
+    task = tiny_task()
+    train_plain(task)
+    trained = {k: v.detach().clone() for k, v in task.model.named_parameters()}
+    delta = local_delta(task)
+    bits = {t.name: delta[t.name] >= 0 for t in task.spec if t.kind == "param"}
+    statistics_for_sent_update(task, {k: np.where(b, 0.01, -0.01) for k, b in bits.items()})
+    for name, p in task.model.named_parameters():
+        assert torch.equal(p, trained[name])  # the trained weights stay
+    sent = task.global_state["1.weight"] + np.where(bits["1.weight"], 0.01, -0.01)
+    x = task.batches.x.reshape(len(task.batches.x), -1).numpy()
+    expected_mean = (x @ sent.T).mean(axis=0)  # 4 equal batches: the mean of batch means
+    np.testing.assert_allclose(task.model[2].running_mean.numpy(), expected_mean, atol=1e-6)
+    assert task.model[2].momentum == 0.1 and task.model.training
 
 
 def _ef_expected(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,12 +8,13 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import numpy as np
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import ConfigError, RunConfig
 from ..task import state_arrays
-from ..training import run_sgd
+from ..training import recompute_batchnorm_statistics, run_sgd
 from ..wire import encode_signs, encode_sparse
 from .base import LocalTask
 
@@ -59,21 +60,66 @@ def train_plain(task: LocalTask) -> float:
 def encode_param_signs(
     task: LocalTask, bits: dict[str, np.ndarray], alphas: dict[str, float]
 ) -> dict[str, np.ndarray]:
-    """A 1-bit payload: the method's bits + alphas for parameters, `stat_signs` for statistics."""
+    """A 1-bit payload: the method's bits + alphas for parameters, `stat_signs` for statistics.
+
+    The statistics are those of the model the bits describe (`statistics_for_sent_update`),
+    not of the locally trained one.
+    """
+    sent = {
+        name: np.where(b, np.float32(alphas[name]), np.float32(-alphas[name]))
+        for name, b in bits.items()
+    }
+    statistics_for_sent_update(task, sent)
     stat_bits, stat_alphas = stat_signs(task)
     return encode_signs(task.spec, {**bits, **stat_bits}, {**alphas, **stat_alphas})
 
 
-def encode_top_k(task: LocalTask, delta: dict[str, np.ndarray], density: float) -> dict:
+def statistics_for_sent_update(task: LocalTask, sent: Mapping[str, np.ndarray]) -> None:
+    """Re-estimate ``task.model``'s BatchNorm statistics, on the local data, for the weights the
+    server will build from this message (global + the ``sent`` parameter updates); the trained
+    weights stay.
+
+    A post-training compressor sends an update far from the one it trained (SignSGD: 0.001 per
+    entry after 10 epochs at lr 0.1; top-k: 3 % of the entries); statistics of the trained
+    model would not fit the model the server builds. Measured on FMNIST, 3 labels, N = 100:
+    SignSGD's global model stayed at chance in eval mode for 11 rounds while the same weights
+    scored 59 % with batch statistics.
+    """
+    params = dict(task.model.named_parameters())
+    trained = {name: p.detach().clone() for name, p in params.items()}
+    with torch.no_grad():
+        for t in task.spec:
+            if t.kind == "param":
+                weights = task.global_state[t.name] + sent[t.name].reshape(t.shape)
+                params[t.name].copy_(torch.from_numpy(weights))
+        recompute_batchnorm_statistics(task.model, task.batches, device=task.device)
+        for name, p in params.items():
+            p.copy_(trained[name])
+
+
+def encode_top_k(
+    task: LocalTask, delta: dict[str, np.ndarray], density: float, *, refit_statistics: bool
+) -> dict:
     """Sparse payload: per parameter tensor the ceil(density * d) largest |delta| entries (at
-    least one); BatchNorm statistics whole (a 3% sample of them would leave them stale)."""
+    least one); BatchNorm statistics whole (a 3% sample of them would leave them stale), with
+    ``refit_statistics`` those of the sparse model sent (`statistics_for_sent_update`)."""
     positions: dict[str, np.ndarray] = {}
     values: dict[str, np.ndarray] = {}
+    sent: dict[str, np.ndarray] = {}
     for t in task.spec:
-        m = delta[t.name].reshape(-1)
-        keep = density if t.kind == "param" else 1.0
-        positions[t.name] = top_k_positions(m, math.ceil(round(keep * m.size, 9)))
-        values[t.name] = m[positions[t.name]]
+        if t.kind == "param":
+            m = delta[t.name].reshape(-1)
+            positions[t.name] = top_k_positions(m, math.ceil(round(density * m.size, 9)))
+            values[t.name] = m[positions[t.name]]
+            sent[t.name] = np.zeros_like(m)
+            sent[t.name][positions[t.name]] = values[t.name]
+    if refit_statistics:
+        statistics_for_sent_update(task, sent)
+    stats = local_delta(task)
+    for t in task.spec:
+        if t.kind == "stat":
+            positions[t.name] = np.arange(t.size)
+            values[t.name] = stats[t.name].reshape(-1)
     return encode_sparse(task.spec, positions, values)
 
 

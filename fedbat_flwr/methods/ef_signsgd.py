@@ -4,7 +4,8 @@ Per parameter tensor: p = m + e (e = what earlier rounds failed to send, 0 at fi
 sign(p) with alpha = ||p||_1 / d, keep e <- p - alpha sign(p). No hyperparameter (Appendix A.2).
 The residual e is this client's memory: `task.state[tensor name]`, which the ClientApp stores
 in Flower's `context.state`, so it survives rounds (and rounds the client sits out).
-BatchNorm running statistics travel 1-bit with alpha = mean|delta| and no residual (`stat_signs`).
+BatchNorm running statistics travel 1-bit with alpha = mean|delta| and no residual (`stat_signs`),
+refitted to the sent weights first (`encode_param_signs`).
 """
 
 from __future__ import annotations

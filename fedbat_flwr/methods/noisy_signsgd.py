@@ -2,7 +2,8 @@
 
 Send sign(m + z), z ~ N(0, sigma^2) per entry, with a fixed alpha; Appendix A.2 sets
 alpha = 0.01 (`noisy-alpha`) and sigma = 0.01 (`noisy-sigma`). BatchNorm running statistics
-travel 1-bit with alpha = mean|delta| (`stat_signs`).
+travel 1-bit with alpha = mean|delta| (`stat_signs`), refitted to the sent weights
+first (`encode_param_signs`).
 """
 
 from __future__ import annotations

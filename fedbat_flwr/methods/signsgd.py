@@ -2,7 +2,8 @@
 
 Appendix A.2 tunes alpha in {1, 0.1, 0.01, 0.001} and sets 0.001 (`signsgd-alpha`). A zero entry
 of m is sent as +alpha (one bit has no zero). BatchNorm running statistics travel 1-bit with
-alpha = mean|delta| (`stat_signs`), as for every sign method.
+alpha = mean|delta| (`stat_signs`), refitted to the
+sent weights first (`encode_param_signs`), as for every sign method.
 
 `sign-aggregation = "majority"` selects the server's weighted majority vote (Bernstein et al.,
 2019) instead of the mean of Eq. 3; it maps onto `aggregator = "majority"`, which any sign

@@ -3,7 +3,8 @@
 Entry i is sent as +1 with probability 1/2 + m_i / (2 ||m||_inf) and -1 otherwise, so
 E[||m||_inf * sign] = m. Appendix A.2 uses ||m||_inf per tensor (not ||m||_2, which makes both
 probabilities ~1/2) and a fixed alpha = 0.01 (`stoc-alpha`). BatchNorm running statistics
-travel 1-bit with alpha = mean|delta| (`stat_signs`).
+travel 1-bit with alpha = mean|delta| (`stat_signs`), refitted to the sent weights
+first (`encode_param_signs`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from fedbat_flwr.training.loop import (
     evaluate,
     input_memory_format,
     prepare_model,
+    recompute_batchnorm_statistics,
     run_sgd,
     seed_everything,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "input_memory_format",
     "original_name",
     "prepare_model",
+    "recompute_batchnorm_statistics",
     "run_sgd",
     "seed_everything",
     "switch_step",

@@ -129,6 +129,33 @@ def run_sgd(
 
 
 @torch.no_grad()
+def recompute_batchnorm_statistics(
+    model: nn.Module, batches: TensorBatches, *, device: torch.device
+) -> None:
+    """Re-estimate every BatchNorm layer's running mean/var for the model's current weights.
+
+    One pass over ``batches`` in train mode with a cumulative average (momentum None), no
+    gradients; momenta and the train/eval mode are restored afterwards.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [norm.momentum for norm in norms]
+    was_training = model.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    try:
+        for x, _ in batches.to(device, input_memory_format(model)):
+            model(x)
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        model.train(was_training)
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     x: torch.Tensor,
