@@ -30,5 +30,5 @@ class TopK(Method):
 
     def train(self, task: LocalTask) -> ClientUpdate:
         loss = train_plain(task)
-        payload = encode_top_k(task, local_delta(task), self.density, refit_statistics=True)
+        payload = encode_top_k(task, local_delta(task), self.density)
         return ClientUpdate(payload, task.batches.num_examples, {"train-loss": loss})

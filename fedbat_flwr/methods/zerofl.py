@@ -57,8 +57,5 @@ class ZeroFL(Method):
     def train(self, task: LocalTask) -> ClientUpdate:
         with parametrized_weights(task.model, lambda: TopKWeights(self.sparsity)):
             loss = train_plain(task)
-        # Statistics as trained: ZeroFL's forward pass used sparse weights, the server's model
-        # is dense, so neither model's statistics fit the other (refitting them for global +
-        # update overflows the stat bound on a fresh CNN4).
-        payload = encode_top_k(task, local_delta(task), self.density, refit_statistics=False)
+        payload = encode_top_k(task, local_delta(task), self.density)
         return ClientUpdate(payload, task.batches.num_examples, {"train-loss": loss})
