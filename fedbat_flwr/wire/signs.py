@@ -33,27 +33,27 @@ import numpy as np
 
 from fedbat_flwr.wire.errors import PayloadError
 from fedbat_flwr.wire.fields import (
-    MAGIC,
     check_fields,
     check_header,
+    check_names,
+    check_weight,
     dense_by_accumulating,
     flat_target,
+    make_header,
 )
 from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec, TensorSpec
 
 SIGNS_CODEC_ID = 1
 SIGNS_VERSION = 1
-FIELDS: dict[str, np.dtype] = {
-    "header": np.dtype(np.uint8),
-    "signs": np.dtype(np.uint8),
-    "alphas": np.dtype(np.float32),
+LAYOUT = {
+    "header": (np.dtype(np.uint8), 1),
+    "signs": (np.dtype(np.uint8), 1),
+    "alphas": (np.dtype(np.float32), 1),
 }
-LAYOUT = {key: (dtype, 1) for key, dtype in FIELDS.items()}  # every field is 1-D
 # Bytes of packed signs handled per step of the fused accumulate: the (CHUNK_BYTES, 8) float32
 # scratch is 256 KiB, small enough to stay in L2 (bigger chunks measured ~2x slower).
 CHUNK_BYTES = 8192
 
-_HEADER = np.frombuffer(MAGIC + bytes([SIGNS_CODEC_ID, SIGNS_VERSION]), dtype=np.uint8)
 # _PM1[b, i] = +1.0 if bit i (little bit order) of byte value b is set, else -1.0.
 _PM1 = (
     2.0 * np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") - 1.0
@@ -78,12 +78,12 @@ def encode_signs(
     spec: ModelSpec, bits: Mapping[str, np.ndarray], alphas: Mapping[str, float]
 ) -> dict[str, np.ndarray]:
     """Pack per-tensor sign bits (True = +alpha) and alphas into a version-1 payload."""
-    _check_names(bits, spec, "signs")
-    _check_names(alphas, spec, "alphas")
+    check_names(bits, spec, "signs")
+    check_names(alphas, spec, "alphas")
     packed = [_pack(t, bits[t.name]) for t in spec]
     alpha_values = [_encode_alpha(t, alphas[t.name]) for t in spec]
     return {
-        "header": _HEADER.copy(),
+        "header": make_header(SIGNS_CODEC_ID, SIGNS_VERSION),
         "signs": np.concatenate([np.zeros(0, np.uint8), *packed]),
         "alphas": np.array(alpha_values, dtype=np.float32),
     }
@@ -125,8 +125,7 @@ def accumulate_signs(
     modified unless every accumulator entry is usable.
     """
     view = _as_view(payload, spec, bounds)
-    if not math.isfinite(weight):
-        raise ValueError(f"weight={weight!r} is not finite (allowed: a finite float)")
+    check_weight(weight)
     targets = [flat_target(acc, t) for t in spec]
     scratch = np.empty((CHUNK_BYTES, 8), np.float32)
     for out, packed, alpha in zip(targets, view.packed, view.alphas, strict=True):
@@ -147,16 +146,6 @@ def payload_nbytes(payload: Mapping[str, np.ndarray]) -> int:
 
 
 # --- encoding helpers ---------------------------------------------------------------------
-
-
-def _check_names(given: Mapping[str, object], spec: ModelSpec, field: str) -> None:
-    for t in spec:
-        if t.name not in given:
-            raise PayloadError(t.name, field, f"missing (the spec has {len(spec)} tensors)")
-    expected = set(spec.names)
-    for name in given:
-        if name not in expected:
-            raise PayloadError(name, field, "unexpected tensor (allowed: the spec's tensors)")
 
 
 def _pack(t: TensorSpec, bits: np.ndarray) -> np.ndarray:
