@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedbat_flwr.training import BinarizedUpdates, binarize
-from fedbat_flwr.training.binarize import centred_uniform
+from fedbat_flwr.training.binarize import random_levels
 from fedbat_flwr.training.parametrize import step_size
 
 ALPHA = 0.5
@@ -56,26 +56,38 @@ def test_outside_interval_is_clipped() -> None:
 
 
 def test_bits_follow_eq7_floor_with_the_same_noise() -> None:
-    """Eq. 7: bit = floor((alpha + m) / (2 alpha) + zeta), clipped to {0, 1}, for the drawn zeta."""
+    """Eq. 7: bit = floor((alpha + m) / (2 alpha) + zeta), clipped to {0, 1}, for the drawn
+    zeta = (k + 2^15 + 1/2) / 2^16 (the midpoint of the drawn 16-bit cell)."""
     m = torch.linspace(-0.9, 0.9, 1001)
     out = binarize(m, ALPHA, torch.Generator().manual_seed(4))
-    zeta = centred_uniform(m, torch.Generator().manual_seed(4)) + 0.5
-    expected = torch.floor((ALPHA + m.double()) / (2 * ALPHA) + zeta.double()) >= 1
+    k = random_levels(m, torch.Generator().manual_seed(4)).double()
+    zeta = (k + 2**15 + 0.5) / 2**16
+    expected = torch.floor((ALPHA + m.double()) / (2 * ALPHA) + zeta) >= 1
     assert torch.equal(out > 0, expected)
 
 
-def test_noise_is_uniform_on_its_grid() -> None:
-    """Eq. 7's zeta - 1/2: in [-1/2, 1/2) on a 2^-23 grid, every 64th of the range equally
-    likely (chi-square over 1M draws, odd count: the last 64-bit draw is half used)."""
+def test_probability_is_exact_to_2_to_the_16() -> None:
+    """Eq. 7 with 16 random bits: over all 2^16 values of k, P(+alpha) is (1 + q) / 2 rounded
+    to a multiple of 2^-16, so the bias |E[S] - m| is at most 2^-16 alpha."""
+    q = torch.tensor([-1.0, -0.7, -1e-6, 0.0, 0.3, 0.123456, 1.0]).double()
+    k = torch.arange(-(2**15), 2**15, dtype=torch.float64)
+    u = 2**15 * q + 0.5
+    p_plus = ((k[None, :] + u[:, None]) >= 0).double().mean(dim=1)
+    assert torch.all((p_plus - (1 + q) / 2).abs() <= 2**-17)
+
+
+def test_noise_is_uniform_on_16_bit_levels() -> None:
+    """Eq. 7's k: integers in [-2^15, 2^15), every 64th of the range equally likely
+    (chi-square over 1M draws; a count not a multiple of 4 leaves part of the last draw)."""
     n = 1_000_001
-    noise = centred_uniform(torch.empty(n), torch.Generator().manual_seed(11)).double()
-    assert noise.shape == (n,) and noise.min() >= -0.5 and noise.max() < 0.5
-    assert torch.equal(noise * 2**23, torch.round(noise * 2**23))
-    counts = torch.histc(noise, bins=64, min=-0.5, max=0.5)
+    k = random_levels(torch.empty(n), torch.Generator().manual_seed(11)).double()
+    assert k.shape == (n,) and k.min() >= -(2**15) and k.max() < 2**15
+    assert torch.equal(k, torch.round(k))
+    counts = torch.histc(k, bins=64, min=-(2**15), max=2**15)
     expected = n / 64
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
     assert chi2 < 120  # 63 degrees of freedom: P(chi2 > 120) ~ 1e-5
-    assert centred_uniform(torch.empty(3, dtype=torch.float64)).dtype == torch.float64
+    assert random_levels(torch.empty(3, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_gradients_match_eq8_eq9_in_all_regions() -> None:
@@ -175,7 +187,7 @@ def test_whole_model_node_matches_operator_per_tensor() -> None:
     gradients of w + S(m, alpha()) built from alpha() and StochasticBinarize; one tensor's
     alpha is clamped at alpha_max (no alpha_e gradient), one tensor is empty."""
     gen = torch.Generator().manual_seed(8)
-    shapes = [(64, 32, 3, 3), (0,), (300,), (7, 6)]  # even sizes: draws line up per tensor
+    shapes = [(64, 32, 3, 3), (0,), (320,), (8, 8)]  # whole buffer rows: draws line up per tensor
     ws = [torch.randn(shape, generator=gen) for shape in shapes]
     upstream = [torch.randn(shape, generator=gen) for shape in shapes]
     updates = _updates(*ws, alpha_min=1e-4, alpha_max=0.2, generator=gen)
@@ -195,7 +207,7 @@ def test_whole_model_node_matches_operator_per_tensor() -> None:
     alpha = step_size(alpha_e, updates.alpha_init, 6.0, 1e-4, 0.2)
     reference = [
         w + binarize(chunk.view(w.shape), a, gen)
-        for w, chunk, a in zip(ws, m.split(updates.sizes), alpha.unbind(), strict=True)
+        for w, chunk, a in zip(ws, m.split([w.numel() for w in ws]), alpha.unbind(), strict=True)
     ]
     torch.autograd.backward(reference, upstream)
     for got, want in zip(out, reference, strict=True):
@@ -204,6 +216,36 @@ def test_whole_model_node_matches_operator_per_tensor() -> None:
     torch.testing.assert_close(grad_e, alpha_e.grad)
     assert grad_e[2].item() == 0.0 and grad_e[1].item() == 0.0
     assert grad_e[0].item() != 0.0 and grad_e[3].item() != 0.0
+
+
+def test_whole_model_gradients_with_padded_rows() -> None:
+    """Eq. 8-10 on tensors that do not fill whole buffer rows (sizes 105, 1, 65, 0, 64): each
+    output is w + (+-alpha), m's gradient is the upstream one inside [-alpha, alpha], and
+    alpha_e's is rho sum(g (S - [inside] m)) per tensor, padding contributing nothing."""
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(3, 5, 7), (1,), (65,), (0,), (64,)]
+    ws = [torch.randn(shape, generator=gen) for shape in shapes]
+    upstream = [torch.randn(shape, generator=gen) for shape in shapes]
+    updates = _updates(*ws, alpha_min=1e-4, alpha_max=1.0, generator=gen)
+    with torch.no_grad():
+        updates.update.uniform_(-0.1, 0.1, generator=gen)  # padding too: must not matter
+    updates.start_binarization()
+    out = updates.weights()
+    torch.autograd.backward(out, upstream)
+    alpha = updates.alpha().detach()
+    for i, (w, got, g) in enumerate(zip(ws, out, upstream, strict=True)):
+        m = updates.update_of(f"t{i}")
+        s = got.detach() - w
+        torch.testing.assert_close(s.abs(), alpha[i].expand_as(s), rtol=1e-5, atol=1e-7)
+        inside = (m.abs() <= alpha[i]).to(m.dtype)
+        grad_m = updates.update.grad[updates.layouts[i].offset :][: w.numel()].view(w.shape)
+        assert torch.equal(grad_m, g * inside)
+        expected = 6.0 * (g * (s - inside * m)).sum()
+        torch.testing.assert_close(updates.alpha_e.grad[i], expected, rtol=1e-4, atol=1e-6)
+    padding = torch.ones_like(updates.update, dtype=torch.bool)
+    for layout in updates.layouts:
+        padding[layout.offset : layout.offset + layout.numel] = False
+    assert padding.any() and torch.all(updates.update.grad[padding] == 0)
 
 
 def test_step_size_gradient_through_alpha_e() -> None:

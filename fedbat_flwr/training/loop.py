@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +19,35 @@ from torch import nn
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# glibc mallopt parameters and the values keep_freed_memory sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed value on 64-bit
+_TRIM_THRESHOLD = 256 * 2**20
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed tensor memory for reuse instead of returning it to the OS.
+
+    torch's CPU allocator is plain malloc. By default glibc serves each ~1-6 MB activation,
+    gradient or update buffer with a fresh mmap (or trims it off the heap when freed), so every
+    training step page-faults its memory back in: ~1,000-2,000 minor faults and ~15 % of a
+    CNN4 step here (benchmarks/NOTES.md). Raising the mmap and trim thresholds makes the
+    buffers come back from the heap, as torch's CUDA caching allocator does on GPUs. Process
+    wide, once; a no-op (False) where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -106,7 +138,9 @@ def run_sgd(
 
     ``on_step(s)`` runs before each step s = 0..tau-1 (FedBAT switches phase there). Returns
     (steps, mean of the per-step batch losses); the loss is summed on device and read once.
+    Calls ``keep_freed_memory`` (once per process).
     """
+    keep_freed_memory()
     # foreach: one C++ loop over the tensors instead of a Python loop (not the CPU default).
     optimizer = torch.optim.SGD(
         params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True
@@ -165,6 +199,7 @@ def evaluate(
     device: torch.device,
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` (eval mode) on ``x``, ``y``."""
+    keep_freed_memory()
     model.eval()
     memory_format = input_memory_format(model)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)

@@ -5,11 +5,14 @@
 ``w + S(m, alpha)`` (binarization-aware training, Eq. 14), with one step size alpha per tensor.
 No layer class is rewritten, so every architecture works unchanged.
 
-All updates of a model live in one flat buffer (``BinarizedUpdates``), each tensor's entries in
-its parameter's memory order. A forward pass computes every weight with a few whole-model
-kernels and one autograd node; each parametrized tensor is a view of that result with its
-parameter's exact strides (channels_last included). One node per tensor cost ~0.1 ms of Python
-and autograd overhead each, more than the arithmetic on CNN4 (benchmarks/NOTES.md).
+All updates of a model live in one buffer of ``ROW``-entry rows (``BinarizedUpdates``): each
+tensor starts on a fresh row, its entries in its parameter's memory order, the rest of its last
+row zero padding. A forward pass computes every weight with a few whole-model kernels and one
+autograd node, alpha entering as one value per row (broadcast, never expanded per entry) and
+alpha's gradient as per-row sums added up per tensor: no per-tensor loop in a training step.
+Each parametrized tensor is a view of the result with its parameter's exact strides
+(channels_last included). One node per tensor cost ~0.1 ms of Python and autograd overhead
+each, more than the arithmetic on CNN4 (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ def step_size(
 ) -> torch.Tensor:
     """Eq. 10 clamped into [alpha_min, alpha_max], so alpha stays > 0 even when alpha' = 0."""
     return torch.clamp(unclamped_step_size(alpha_e, alpha_init, rho), alpha_min, alpha_max)
+
+
+ROW = 64
+"""Entries per row of the update buffer: padding is < ROW entries per tensor (2 % of CNN4)."""
 
 
 @dataclass(frozen=True)
@@ -102,18 +109,32 @@ def _contiguous_in(t: torch.Tensor, order: Sequence[int], exact: bool) -> bool:
     return True
 
 
-def _segment_dots(a: torch.Tensor, b: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """<a_i, b_i> for each segment i of two flat tensors cut into ``sizes``."""
-    return torch.stack(
-        [torch.dot(x, y) for x, y in zip(a.split(sizes), b.split(sizes), strict=True)]
-    )
+class _Weights(torch.autograd.Function):
+    """All weights ``w + m`` of a model (Eq. 12), returned as per-tensor views: one node.
+
+    Returning the views from the node (rather than views of its flat output) spares autograd a
+    view node per tensor and a split node; ``backward`` lays the per-tensor gradients out
+    flat itself (``BinarizedUpdates.flat``).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, base: torch.Tensor, update: torch.Tensor, updates: BinarizedUpdates
+    ) -> tuple[torch.Tensor, ...]:
+        ctx.updates = updates
+        return updates.per_tensor(torch.add(base, update))
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return None, ctx.updates.flat(grads), None
 
 
 class _BinarizedWeights(torch.autograd.Function):
-    """All weights ``w + S(m, alpha(alpha_e))`` of a model, flat: Eq. 14 with Eq. 10's chain rule.
+    """All weights ``w + S(m, alpha(alpha_e))`` of a model: Eq. 14 with Eq. 10's chain rule.
 
     Same maths per tensor as ``binarize.StochasticBinarize`` after ``step_size`` (a test
-    compares them), as one autograd node for the whole model.
+    compares them), as one autograd node for the whole model returning per-tensor views (see
+    ``_Weights``). Works on the (rows, ROW) view of the buffers with one alpha per row.
     """
 
     @staticmethod
@@ -124,32 +145,39 @@ class _BinarizedWeights(torch.autograd.Function):
         alpha_e: torch.Tensor,
         alpha_init: torch.Tensor,
         updates: BinarizedUpdates,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, ...]:
         raw = unclamped_step_size(alpha_e, alpha_init, updates.rho)
         alpha = torch.clamp(raw, updates.alpha_min, updates.alpha_max)
-        s, q = sample_binarized(update, updates.per_element(alpha), updates.generator)
+        m = update.view(-1, ROW)
+        s, u = sample_binarized(m, updates.per_row(alpha), updates.generator)
         # Eq. 10's chain rule: d alpha / d alpha_e = rho alpha where the clamp is inactive
         # (alpha = raw), else 0; so grad(alpha_e) = sum(g alpha dS/dalpha) rho [alpha = raw].
-        ctx.sizes = updates.sizes
-        ctx.save_for_backward(update, s, q, (raw == alpha) * updates.rho)
-        return torch.add(base, s)
+        ctx.updates = updates
+        ctx.save_for_backward(m, s, u, (raw == alpha) * updates.rho)
+        return updates.per_tensor(torch.add(base, s.view(-1)))
 
     @staticmethod
-    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        m, s, q, dalpha_e = ctx.saved_tensors
-        grad_m = grad_inside(grad, q)  # Eq. 8
-        # Eq. 9 per tensor: alpha dS/dalpha = S - [inside] m, summed against the gradient.
-        alpha_grad_alpha = _segment_dots(grad, s, ctx.sizes) - _segment_dots(grad_m, m, ctx.sizes)
-        return None, grad_m, alpha_grad_alpha * dalpha_e, None, None
+    def backward(ctx: FunctionCtx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        m, s, u, dalpha_e = ctx.saved_tensors
+        updates: BinarizedUpdates = ctx.updates
+        grad = updates.flat(grads).view(-1, ROW)
+        grad_m = grad_inside(grad, u)  # Eq. 8
+        # Eq. 9 per tensor: alpha dS/dalpha = S - [inside] m, summed against the gradient,
+        # row by row (padding has zero gradient), then rows added up per tensor.
+        per_row = torch.mul(grad, s).addcmul_(grad_m, m, value=-1).sum(dim=1)
+        alpha_grad_alpha = torch.zeros_like(dalpha_e).index_add_(0, updates.row_tensor, per_row)
+        return None, grad_m.view(-1), alpha_grad_alpha * dalpha_e, None, None
 
 
 class BinarizedUpdates(nn.Module):
     """The learnable updates m and step sizes alpha = alpha' e^(rho alpha_e) of a whole model.
 
-    ``update`` holds every tensor's m (flat, each in its parameter's memory order), ``alpha_e``
-    and the buffer ``alpha_init`` one entry per tensor, the buffer ``base`` the frozen weights
-    as they were at attach time. ``rho``, ``alpha_min``, ``alpha_max`` and ``binarizing`` are
-    plain attributes (hyperparameters and phase); ``generator`` optionally drives S's noise.
+    ``update`` holds every tensor's m (flat, each tensor from a row boundary in its parameter's
+    memory order, see ``ROW``), ``alpha_e`` and the buffer ``alpha_init`` one entry per tensor,
+    the buffer ``base`` the frozen weights as they were at attach time (padding: zeros), the
+    buffer ``row_tensor`` the tensor each row belongs to. ``rho``, ``alpha_min``, ``alpha_max``
+    and ``binarizing`` are plain attributes (hyperparameters and phase); ``generator``
+    optionally drives S's noise.
     """
 
     def __init__(
@@ -173,15 +201,28 @@ class BinarizedUpdates(nn.Module):
         layouts, offset = [], 0
         for name, p in params.items():
             layouts.append(_layout(name, p, offset))
-            offset += p.numel()
+            offset += -(-p.numel() // ROW) * ROW
         self.layouts = tuple(layouts)
-        self.sizes = [layout.numel for layout in layouts]
-        like = next(iter(params.values()))
-        base = [
-            p.detach().permute(layout.from_param).reshape(-1)
-            for layout, p in zip(layouts, params.values(), strict=True)
+        # Each tensor's entries, then its padding: the pieces a flat buffer is split into.
+        ends = [layout.offset for layout in layouts[1:]] + [offset]
+        self._pieces = [
+            n
+            for layout, end in zip(layouts, ends, strict=True)
+            for n in (layout.numel, end - layout.offset - layout.numel)
         ]
-        self.register_buffer("base", torch.cat(base))
+        like = next(iter(params.values()))
+        # The zeros between tensors in a flat gradient (``flat``), made once.
+        self._padding = [like.new_zeros(n) for n in self._pieces[1::2]]
+        self.register_buffer("base", like.new_zeros(offset))
+        for layout, p in zip(layouts, params.values(), strict=True):
+            self._entries(self.base, layout).copy_(p.detach().permute(layout.from_param).flatten())
+        rows_per_tensor = torch.tensor(
+            [(end - layout.offset) // ROW for layout, end in zip(layouts, ends, strict=True)]
+        )
+        self.register_buffer(
+            "row_tensor",
+            torch.repeat_interleave(torch.arange(len(layouts)), rows_per_tensor).to(like.device),
+        )
         self.update = nn.Parameter(like.new_zeros(offset))
         self.alpha_e = nn.Parameter(like.new_zeros(len(layouts)))
         self.register_buffer("alpha_init", like.new_zeros(len(layouts)))
@@ -190,7 +231,7 @@ class BinarizedUpdates(nn.Module):
         self.alpha_max = float(alpha_max)
         self.binarizing = False
         self.generator = generator
-        self._current: list[torch.Tensor] | None = None  # the weights of the running forward
+        self._current: tuple[torch.Tensor, ...] | None = None  # the weights of the running forward
         self._hooks: list[RemovableHandle] = []
 
     @property
@@ -202,27 +243,36 @@ class BinarizedUpdates(nn.Module):
         """Eq. 10 per tensor, clamped to [alpha_min, alpha_max] so alpha stays > 0."""
         return step_size(self.alpha_e, self.alpha_init, self.rho, self.alpha_min, self.alpha_max)
 
-    def per_element(self, values: torch.Tensor) -> torch.Tensor:
-        """A flat tensor holding ``values[i]`` over every entry of tensor i."""
-        out = torch.empty_like(self.base)
-        for chunk, value in zip(out.split(self.sizes), values.unbind(), strict=True):
-            chunk.fill_(value)
-        return out
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """A (rows, 1) column holding ``values[i]`` on every row of tensor i, to broadcast."""
+        return values[self.row_tensor].unsqueeze(1)
 
-    def weights(self) -> list[torch.Tensor]:
+    @staticmethod
+    def _entries(flat: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        """One tensor's entries of a flat buffer, padding excluded."""
+        return flat[layout.offset : layout.offset + layout.numel]
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
         """Every parametrized weight, fresh: w + m (Eq. 12) or w + S(m, alpha) (Eq. 14)."""
         if self.binarizing:
-            flat = _BinarizedWeights.apply(
+            return _BinarizedWeights.apply(
                 self.base, self.update, self.alpha_e, self.alpha_init, self
             )
-        else:
-            flat = self.base + self.update
-        return self._per_tensor(flat)
+        return _Weights.apply(self.base, self.update, self)
 
-    def _per_tensor(self, flat: torch.Tensor) -> list[torch.Tensor]:
+    def per_tensor(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A flat buffer cut into views with each parameter's shape and strides."""
-        chunks = flat.split(self.sizes)
-        return [layout.view(chunk) for layout, chunk in zip(self.layouts, chunks, strict=True)]
+        entries = flat.split(self._pieces)[::2]
+        return tuple(layout.view(e) for layout, e in zip(self.layouts, entries, strict=True))
+
+    def flat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The inverse of ``per_tensor``: one tensor per parameter laid out flat, zero padded."""
+        pieces = [
+            piece
+            for layout, t, padding in zip(self.layouts, tensors, self._padding, strict=True)
+            for piece in (t.permute(layout.from_param).reshape(-1), padding)
+        ]
+        return torch.cat(pieces)
 
     def weight(self, index: int) -> torch.Tensor:
         """Tensor ``index``'s weight: the one of the running forward pass, else a fresh one."""
@@ -232,7 +282,7 @@ class BinarizedUpdates(nn.Module):
     def update_of(self, name: str) -> torch.Tensor:
         """m of one parameter with its shape: a view without autograd, to inspect or set up."""
         layout = self.layouts[self.names.index(name)]
-        return layout.view(self.update.detach()[layout.offset : layout.offset + layout.numel])
+        return layout.view(self._entries(self.update.detach(), layout))
 
     def hook_into(self, model: nn.Module) -> None:
         """Compute all weights once per forward pass of ``model``, not once per tensor."""
@@ -257,9 +307,9 @@ class BinarizedUpdates(nn.Module):
     @torch.no_grad()
     def start_binarization(self) -> None:
         """Eq. 13: alpha' = ||m||_1 / d per tensor from the warm-up update, alpha_e = 0; use S."""
-        counts = torch.tensor(self.sizes, dtype=self.update.dtype, device=self.update.device)
-        l1 = torch.stack([chunk.abs().sum() for chunk in self.update.split(self.sizes)])
-        self.alpha_init.copy_(l1 / counts.clamp(min=1))
+        for i, layout in enumerate(self.layouts):  # once a round: a loop is fine
+            l1 = self._entries(self.update, layout).abs().sum()
+            self.alpha_init[i] = l1 / max(layout.numel, 1)
         self.alpha_e.zero_()
         self.binarizing = True
 
@@ -270,8 +320,9 @@ class BinarizedUpdates(nn.Module):
         Algorithm 1 sends the binarized update of the final m and alpha, so one fresh draw of S
         from the trained m and final alpha is taken (deterministic where |m| > alpha).
         """
-        s, _ = sample_binarized(self.update, self.per_element(self.alpha()), self.generator)
-        return dict(zip(self.names, self._per_tensor(s > 0), strict=True))
+        m = self.update.view(-1, ROW)
+        s, _ = sample_binarized(m, self.per_row(self.alpha()), self.generator)
+        return dict(zip(self.names, self.per_tensor(s.view(-1) > 0), strict=True))
 
     @torch.no_grad()
     def final_alphas(self) -> dict[str, float]:
