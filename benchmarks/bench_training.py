@@ -26,7 +26,7 @@ from fedbat_flwr.training import (
 
 BATCH = 64
 STEPS = 8  # steps per timed call
-REPEATS = 7  # best-of
+REPEATS = 15  # best-of
 CPU = torch.device("cpu")
 
 

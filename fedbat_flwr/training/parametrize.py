@@ -61,10 +61,27 @@ class _Layout:
     memory_shape: tuple[int, ...]  # the parameter's dims, outermost to innermost in memory
     from_param: tuple[int, ...]  # permutation of the parameter's dims into memory order
     to_param: tuple[int, ...]  # and back
+    in_order: bool  # memory order is the dims' order (C-contiguous): no permute needed
 
     def view(self, chunk: torch.Tensor) -> torch.Tensor:
         """``chunk`` (this parameter's slice of a flat buffer) with the parameter's shape."""
+        if len(self.memory_shape) == 1:
+            return chunk
+        if self.in_order:
+            return chunk.view(self.memory_shape)
         return chunk.view(self.memory_shape).permute(self.to_param)
+
+    def flatten(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor of the parameter's shape as a flat slice in memory order (``view``'s inverse).
+
+        Skips the calls a 1-D or C-ordered parameter does not need: a training step runs this
+        for every parameter.
+        """
+        if t.dim() == 1:
+            return t
+        if self.in_order:
+            return t.reshape(-1)
+        return t.permute(self.from_param).reshape(-1)
 
 
 def _layout(name: str, t: torch.Tensor, offset: int) -> _Layout:
@@ -76,6 +93,7 @@ def _layout(name: str, t: torch.Tensor, offset: int) -> _Layout:
         tuple(t.shape[d] for d in order),
         order,
         tuple(order.index(d) for d in range(t.dim())),
+        order == tuple(range(t.dim())),
     )
 
 
@@ -215,7 +233,7 @@ class BinarizedUpdates(nn.Module):
         self._padding = [like.new_zeros(n) for n in self._pieces[1::2]]
         self.register_buffer("base", like.new_zeros(offset))
         for layout, p in zip(layouts, params.values(), strict=True):
-            self._entries(self.base, layout).copy_(p.detach().permute(layout.from_param).flatten())
+            self._entries(self.base, layout).copy_(layout.flatten(p.detach()))
         rows_per_tensor = torch.tensor(
             [(end - layout.offset) // ROW for layout, end in zip(layouts, ends, strict=True)]
         )
@@ -267,11 +285,11 @@ class BinarizedUpdates(nn.Module):
 
     def flat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """The inverse of ``per_tensor``: one tensor per parameter laid out flat, zero padded."""
-        pieces = [
-            piece
-            for layout, t, padding in zip(self.layouts, tensors, self._padding, strict=True)
-            for piece in (t.permute(layout.from_param).reshape(-1), padding)
-        ]
+        pieces = []
+        for layout, t, padding in zip(self.layouts, tensors, self._padding, strict=True):
+            pieces.append(layout.flatten(t))
+            if padding.numel():
+                pieces.append(padding)
         return torch.cat(pieces)
 
     def weight(self, index: int) -> torch.Tensor:
