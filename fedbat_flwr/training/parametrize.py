@@ -229,8 +229,8 @@ class BinarizedUpdates(nn.Module):
             for n in (layout.numel, end - layout.offset - layout.numel)
         ]
         like = next(iter(params.values()))
-        # The zeros between tensors in a flat gradient (``flat``), made once.
-        self._padding = [like.new_zeros(n) for n in self._pieces[1::2]]
+        # Padding of a flat gradient (``flat``) is cut from one row of zeros.
+        self.register_buffer("zeros", like.new_zeros(ROW), persistent=False)
         self.register_buffer("base", like.new_zeros(offset))
         for layout, p in zip(layouts, params.values(), strict=True):
             self._entries(self.base, layout).copy_(layout.flatten(p.detach()))
@@ -286,10 +286,10 @@ class BinarizedUpdates(nn.Module):
     def flat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """The inverse of ``per_tensor``: one tensor per parameter laid out flat, zero padded."""
         pieces = []
-        for layout, t, padding in zip(self.layouts, tensors, self._padding, strict=True):
+        for layout, t, n in zip(self.layouts, tensors, self._pieces[1::2], strict=True):
             pieces.append(layout.flatten(t))
-            if padding.numel():
-                pieces.append(padding)
+            if n:
+                pieces.append(self.zeros[:n])
         return torch.cat(pieces)
 
     def weight(self, index: int) -> torch.Tensor:
