@@ -176,6 +176,30 @@ class RunRecorder:
     started: float = field(default_factory=time.monotonic)
     seconds_before: float = 0.0  # wall time of the run before it was resumed
 
+    @classmethod
+    def continuing(
+        cls,
+        checkpoint: Checkpoint | None,
+        run_dir: Path,
+        method: str,
+        config: dict[str, Any],
+        num_params: int,
+        num_rounds: int,
+    ) -> RunRecorder:
+        """A recorder for a new run (``checkpoint`` None) or one resumed from ``checkpoint``:
+        its rows so far, initial figures and wall time before the stop carry over."""
+        meta = checkpoint.meta if checkpoint is not None else {"rows": []}
+        return cls(
+            run_dir,
+            method,
+            config,
+            num_params,
+            num_rounds,
+            rows=list(meta["rows"]),  # a checkpoint always has them
+            initial=dict(meta.get("initial", {})),
+            seconds_before=float(meta.get("wall_seconds", 0.0)),
+        )
+
     def __post_init__(self) -> None:
         """Start metrics.jsonl afresh, or with the rows a resumed run already has."""
         self.run_dir = Path(self.run_dir)

@@ -54,15 +54,13 @@ def main(grid: Grid, context: Context) -> None:
             config.method, config.dataset, config.partitioner
         )
         run_dir = Path(config.output_dir).resolve() / run_name
-    recorder = RunRecorder(
+    recorder = RunRecorder.continuing(
+        checkpoint,
         run_dir,
         config.method,
         config.to_flower(),
         spec.num_params,
         config.num_server_rounds,
-        rows=list(checkpoint.meta["rows"]) if checkpoint else [],
-        initial=dict(checkpoint.meta.get("initial", {})) if checkpoint else {},
-        seconds_before=float(checkpoint.meta.get("wall_seconds", 0.0)) if checkpoint else 0.0,
     )
     log(INFO, "fedbat-flwr: %s on %s, results in %s", config.method, config.dataset, run_dir)
 

@@ -40,7 +40,7 @@ from torch import nn
 from ..config import RunConfig
 from ..server_rules import ServerRule, expect, require_fedavg, weights_of
 from ..training import run_sgd
-from ..training.parametrize import keep_strides  # channels_last
+from ..training.loop import keep_strides  # channels_last
 from ..wire import Decoded, ModelSpec, PayloadError
 from ..wire.binary import split_spec
 from ..wire.fedbif import (

@@ -46,7 +46,7 @@ from ..config import RunConfig
 from ..server_rules import ServerRule, expect, require_fedavg, weights_of
 from ..task import build_model_for, state_arrays
 from ..training import input_memory_format
-from ..training.parametrize import keep_strides  # channels_last
+from ..training.loop import keep_strides  # channels_last
 from ..wire import Decoded, ModelSpec
 from ..wire.fedpm import (
     FedPMDecoded,

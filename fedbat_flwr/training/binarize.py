@@ -62,6 +62,19 @@ def grad_inside(grad: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.hardtanh_backward(grad, u, _INSIDE_LOW, _INSIDE_HIGH)
 
 
+def alpha_grad_alpha(
+    grad: torch.Tensor,
+    grad_m: torch.Tensor,
+    s: torch.Tensor,
+    m: torch.Tensor,
+    dim: int | None = None,
+) -> torch.Tensor:
+    """Eq. 9 times alpha, against the gradient: sum(grad (S - [inside] m)) over ``dim`` (all
+    entries if None); ``grad_m`` is ``grad_inside(grad, u)``."""
+    terms = torch.mul(grad, s).addcmul_(grad_m, m, value=-1)
+    return terms.sum() if dim is None else terms.sum(dim=dim)
+
+
 class StochasticBinarize(torch.autograd.Function):
     """S(m, alpha) with straight-through gradients for m and the 0-dim step size alpha."""
 
@@ -84,8 +97,7 @@ class StochasticBinarize(torch.autograd.Function):
         grad_m = grad_inside(grad, u)
         if not ctx.needs_input_grad[1]:
             return grad_m, None, None
-        alpha_grad_alpha = (grad * s).sum() - (grad_m * m).sum()  # Eq. 9 times alpha
-        return grad_m, alpha_grad_alpha / alpha, None
+        return grad_m, alpha_grad_alpha(grad, grad_m, s, m) / alpha, None
 
 
 def binarize(

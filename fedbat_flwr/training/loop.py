@@ -122,6 +122,18 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def keep_strides(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Give ``out`` the strides of ``like`` (a copy, needed only for a few small tensors).
+
+    Elementwise ops drop the channels_last hint of a conv weight with one input channel
+    (strides of size-1 dims are ambiguous); oneDNN would then run that conv, and the layers after
+    it, in the slower NCHW layout.
+    """
+    if out.stride() == like.stride():
+        return out
+    return torch.empty_like(like).copy_(out)
+
+
 def run_sgd(
     model: nn.Module,
     params: Iterable[torch.Tensor],

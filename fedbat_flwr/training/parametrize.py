@@ -27,7 +27,7 @@ from torch.autograd.function import FunctionCtx
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from fedbat_flwr.training.binarize import grad_inside, sample_binarized
+from fedbat_flwr.training.binarize import alpha_grad_alpha, grad_inside, sample_binarized
 
 
 def unclamped_step_size(
@@ -180,11 +180,10 @@ class _BinarizedWeights(torch.autograd.Function):
         updates: BinarizedUpdates = ctx.updates
         grad = updates.flat(grads).view(-1, ROW)
         grad_m = grad_inside(grad, u)  # Eq. 8
-        # Eq. 9 per tensor: alpha dS/dalpha = S - [inside] m, summed against the gradient,
-        # row by row (padding has zero gradient), then rows added up per tensor.
-        per_row = torch.mul(grad, s).addcmul_(grad_m, m, value=-1).sum(dim=1)
-        alpha_grad_alpha = torch.zeros_like(dalpha_e).index_add_(0, updates.row_tensor, per_row)
-        return None, grad_m.view(-1), alpha_grad_alpha * dalpha_e, None, None
+        # Eq. 9 per tensor: row by row (padding has zero gradient), rows added up per tensor.
+        per_row = alpha_grad_alpha(grad, grad_m, s, m, dim=1)
+        per_tensor = torch.zeros_like(dalpha_e).index_add_(0, updates.row_tensor, per_row)
+        return None, grad_m.view(-1), per_tensor * dalpha_e, None, None
 
 
 class BinarizedUpdates(nn.Module):
@@ -362,18 +361,6 @@ class _UpdatedWeight(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return self.updates.weight(self.index)
-
-
-def keep_strides(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Give ``out`` the strides of ``like`` (a copy, needed only for a few small tensors).
-
-    Elementwise ops drop the channels_last hint of a conv weight with one input channel
-    (strides of size-1 dims are ambiguous); oneDNN would then run that conv, and the layers after
-    it, in the slower NCHW layout.
-    """
-    if out.stride() == like.stride():
-        return out
-    return torch.empty_like(like).copy_(out)
 
 
 def attach_binarized_updates(
