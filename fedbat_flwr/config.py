@@ -47,7 +47,7 @@ class RunConfig:
     phi: float = 0.5
     alpha_min: float = 5e-4
     alpha_max: float = 5e-2
-    stat_alpha_max: float = 10.0
+    stat_alpha_max: float = 20.0  # a refit first-layer running_var moves ~e^-10.4 in round 1
     max_num_examples: int = 1_000_000
     num_examples_policy: str = "cap"  # a claim above max-num-examples: "cap" it or "reject" it
     round_timeout: float = 600.0  # seconds the server waits for a round's replies

@@ -9,8 +9,8 @@ The attackers send well-formed payloads at the edge of what validation lets thro
 negated sign of the honest clients' mean update (colluding attackers who see the round; no
 training needed), alpha = alpha-max on parameters, the honest mean alpha on BatchNorm
 statistics, and `num-examples` = 10^9, capped to `max-num-examples` (1,000 here, 3.3x an honest
-client). The test prints the final test accuracies of all six runs. Measured (CPU, 1 thread):
-mean 0.60 / majority 0.62 / median 0.67 clean, 0.09 / 0.10 / 0.66 attacked, ~45 s CPU.
+client). The test prints the final test accuracies of all six runs. Measured (CPU, 1 thread,
+session 4): mean 0.57 / majority 0.64 / median 0.66 clean, 0.09 / 0.63 / 0.61 attacked, ~35 s.
 """
 
 from __future__ import annotations
@@ -177,8 +177,9 @@ def test_robust_aggregators_resist_two_attackers(federation: Federation) -> None
     for robust in ("majority", "sign-median"):  # one vote per client: the cap buys nothing
         assert attacked[robust] > CHANCE + 0.1, attacked
         assert attacked[robust] >= attacked["fedavg"] - TOLERANCE, attacked
-        # At most 15 points lost (FedAvg loses ~50). Session 1's noise stream lost <= 10; with
-        # session 2's (flat-buffer draws) sign-median lost 10.4 in 3 rounds of 300 examples.
+        # At most 15 points lost (FedAvg loses ~50). Over seeds 0-7 and 42 (this one: 1.4 and
+        # 4.3) the attack cost majority -0.4 to 5.8 points (mean 2), sign-median -1.8 to 10.5
+        # (mean 5, std 5): a seed that breaks this bound is a change in behaviour, not bad luck.
         assert attacked[robust] >= clean[robust] - 0.15, (clean, attacked)
     # Round 1 starts from the same model in all six runs: each client trained it once.
     assert len([key for key in federation._cache if key[2] == 1]) == NUM_CLIENTS

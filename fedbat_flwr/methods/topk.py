@@ -5,7 +5,8 @@ similar to the binarization methods"; this is that upload after plain local SGD 
 ZeroFL's sparse local training). Per parameter tensor ceil(density * d) entries are kept
 (`topk-density`, default 0.03; at least one); kept values go as float32 with compact positions
 (`wire.sparse`). BatchNorm running statistics are few (0.25% of CNN4) and a 3% sample of them
-would leave the global statistics stale, so they are sent whole (format "all", counted).
+would leave the global statistics stale, so they are sent whole (format "all", counted),
+refitted first to the model the server builds from the kept entries (`encode_top_k`).
 """
 
 from __future__ import annotations

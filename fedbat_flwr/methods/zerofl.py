@@ -9,7 +9,7 @@ for the backward pass, which saves compute and memory but changes no bit on the 
 
 Upload as `topk` (Appendix A.2: "prune the model updates after training", 97% sparsity): per
 parameter tensor the largest `zerofl-density` (0.03) of |update| as float32 values with compact
-positions; BatchNorm running statistics whole.
+positions; BatchNorm running statistics whole, refitted to the sent update (`encode_top_k`).
 """
 
 from __future__ import annotations
