@@ -178,7 +178,7 @@ def test_delta_and_apply_name_missing_or_misshapen_tensors() -> None:
 def test_alpha_bounds_defaults_and_for_tensor() -> None:
     b = AlphaBounds()
     assert b.for_tensor(TensorSpec("w", (1,))) == (5e-4, 5e-2)
-    assert b.for_tensor(TensorSpec("v", (1,), "stat", "log")) == (0.0, 10.0)
+    assert b.for_tensor(TensorSpec("v", (1,), "stat", "log")) == (0.0, 20.0)
 
 
 @settings(max_examples=100, deadline=None)

@@ -175,7 +175,7 @@ class AlphaBounds:
     """
 
     param: tuple[float, float] = (5e-4, 5e-2)
-    stat: tuple[float, float] = (0.0, 10.0)
+    stat: tuple[float, float] = (0.0, 20.0)  # the run defaults (config.RunConfig)
 
     def __post_init__(self) -> None:
         for kind in _KINDS:
