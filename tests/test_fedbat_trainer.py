@@ -251,7 +251,11 @@ def test_real_fmnist_binarized_update_reduces_loss() -> None:
     torch.manual_seed(0)
     model = prepare_model(CNN4(), CPU)
     batches = TensorBatches(x, y, 64, generator=torch.Generator().manual_seed(0))
-    config = FedBATConfig(epochs=2, batch_size=64)  # tau = 16, switch at step 8
+    # tau = 24, switch at step 12. With 16 steps this seed ended at 0.80x the loss on an AMD
+    # EPYC after passing on the machine it was written on (oneDNN's numerics differ by CPU and
+    # thread count, and training through S amplifies that; seeds 0-7 gave 0.36-0.80x there);
+    # with 24 steps seeds 0-7 give 0.32-0.56x on the EPYC, one thread.
+    config = FedBATConfig(epochs=3, batch_size=64)
 
     def loss_and_accuracy(m: nn.Module) -> tuple[float, float]:
         # BN in batch-statistics mode on a copy: compares the parameters only (the running
@@ -264,7 +268,7 @@ def test_real_fmnist_binarized_update_reduces_loss() -> None:
 
     before, _ = loss_and_accuracy(model)
     result = train_fedbat(model, batches, config, device=CPU, seed=0)
-    assert math.isfinite(result.train_loss) and result.steps == 16
+    assert math.isfinite(result.train_loss) and result.steps == 24
     with torch.no_grad():
         for name, p in model.named_parameters():
             sign = torch.from_numpy(result.bits[name]).float() * 2 - 1
