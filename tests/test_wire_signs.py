@@ -174,12 +174,13 @@ def test_accumulate_equals_weighted_sum_of_decodes(
     want = {t.name: np.zeros(t.shape, np.float64) for t in spec}
     magnitude = dict.fromkeys(spec.names, 0.0)  # sum of |p_k alpha_k|: what float32 rounds
     for seed, weight in clients:
-        payload = encode_signs(spec, *_random_update(spec, seed))
+        bits, alphas = _random_update(spec, seed)
+        payload = encode_signs(spec, bits, alphas)
         view_or_raw = validate_signs(payload, spec, BOUNDS) if seed % 2 else payload
         accumulate_signs(acc, view_or_raw, spec, BOUNDS, weight)
         for name, value in decode_signs(payload, spec, BOUNDS).items():
             want[name] += weight * value
-            magnitude[name] += abs(weight) * float(np.abs(value).max(initial=0.0))
+            magnitude[name] += abs(weight) * alphas[name]
     for t in spec:
         assert acc[t.name].dtype == np.float32
         # A float32 accumulator rounds each product and sum: a few ulps of the terms' sizes
