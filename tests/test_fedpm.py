@@ -13,7 +13,13 @@ from torch import nn
 
 from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.methods import LocalTask, get_method
-from fedbat_flwr.methods.fedpm import FedPMRule, SampledMask, reference_weights
+from fedbat_flwr.methods.fedpm import (
+    FedPMRule,
+    SampledMask,
+    _score,
+    posterior_theta,
+    reference_weights,
+)
 from fedbat_flwr.records import payload_to_record, record_to_payload, wire_bytes
 from fedbat_flwr.task import load_state, model_spec, state_arrays
 from fedbat_flwr.training import TensorBatches
@@ -70,18 +76,50 @@ def uplink(mask: list[int], sign: bool = True, step: float = 0.0, *, coded: bool
 # --- Bayesian aggregation -----------------------------------------------------------------
 
 
-def test_beta_posterior_mean_hand_example() -> None:
-    """Beta(1, 1) + 3 masks: a = 1 + ones, b = 1 + K - ones, theta = a / (a + b)."""
+def test_beta_posterior_mode_and_mean_exact_numbers() -> None:
+    """mode = (a - 1) / (a + b - 2), mean = a / (a + b); no evidence (a + b = 2): 1/2."""
+    a = np.array([3.0, 1.0, 2.0, 1.0, 11.0])
+    b = np.array([2.0, 4.0, 2.0, 1.0, 1.0])
+    mode = posterior_theta(a, b)
+    np.testing.assert_allclose(mode, [2 / 3, 0.0, 1 / 2, 1 / 2, 1.0], rtol=1e-7)
+    np.testing.assert_allclose(posterior_theta(a, b, "mode"), mode)
+    mean = posterior_theta(a, b, "mean")
+    np.testing.assert_allclose(mean, [3 / 5, 1 / 5, 1 / 2, 1 / 2, 11 / 12], rtol=1e-7)
+    assert mode.dtype == mean.dtype == np.float32
+    with pytest.raises(ConfigError, match=r"'fedpm-theta' = 'median'.*'mode', 'mean'"):
+        posterior_theta(a, b, "median")
+
+
+def hand_replies() -> list:
+    return [
+        (10, uplink([1, 0, 1], True, 0.3)),
+        (30, uplink([1, 1, 0], False, 0.1)),
+        (20, uplink([1, 0, 0], True, 0.0)),
+    ]
+
+
+def test_beta_posterior_mode_hand_example() -> None:
+    """Beta(1, 1) + 3 masks: a = 1 + ones, b = 1 + K - ones, theta = (a - 1) / (a + b - 2),
+    the fraction of clients that kept the entry."""
     rule = FedPMRule(SPEC, REFERENCE, prior_reset=1, seed=0)
     glob = rule.initial(REFERENCE)
     np.testing.assert_array_equal(glob["conv.weight"], np.full((1, 3), 0.5))
-    replies = [(10, uplink([1, 0, 1], True, 0.3)), (30, uplink([1, 1, 0], False, 0.1))]
-    replies.append((20, uplink([1, 0, 0], True, 0.0)))
-    new = rule.aggregate(glob, replies, server_round=1)
-    np.testing.assert_allclose(new["conv.weight"], [[4 / 5, 2 / 5, 2 / 5]])
+    new = rule.aggregate(glob, hand_replies(), server_round=1)
+    np.testing.assert_allclose(new["conv.weight"], [[3 / 3, 1 / 3, 1 / 3]], rtol=1e-7)
+    assert rule.eval_mask(new)["conv.weight"][0, 0]  # every client kept it: always kept
     np.testing.assert_array_equal(new["bn.weight"], REFERENCE["bn.weight"])  # frozen
     step = (10 * 0.3 - 30 * 0.1) / 60  # example-weighted mean of alpha * sign: 0
     np.testing.assert_allclose(new["bn.running_var"], np.exp(step) * np.ones(2), atol=1e-7)
+
+
+def test_beta_posterior_mean_is_an_option() -> None:
+    rule = FedPMRule(SPEC, REFERENCE, prior_reset=1, seed=0, theta="mean")
+    new = rule.aggregate(rule.initial(REFERENCE), hand_replies(), server_round=1)
+    np.testing.assert_allclose(new["conv.weight"], [[4 / 5, 2 / 5, 2 / 5]], rtol=1e-7)
+    config = RunConfig(method="fedpm", extra={"fedpm-theta": "mean"})
+    spec = ModelSpec((TensorSpec("features.0.weight", (32, 1, 3, 3)),))
+    assert get_method("fedpm").server_rule(config, spec).theta_rule == "mean"
+    assert get_method("fedpm").server_rule(RunConfig(method="fedpm"), spec).theta_rule == "mode"
 
 
 def test_prior_resets_every_n_rounds() -> None:
@@ -90,17 +128,23 @@ def test_prior_resets_every_n_rounds() -> None:
     ones = [(1, uplink([1, 1, 0]))]
     zeros = [(1, uplink([0, 0, 0]))]
     glob = rule.aggregate(glob, ones, 1)  # reset, a = 2, 2, 1; b = 1, 1, 2
-    np.testing.assert_allclose(glob["conv.weight"], [[2 / 3, 2 / 3, 1 / 3]])
+    np.testing.assert_allclose(glob["conv.weight"], [[1, 1, 0]])
     glob = rule.aggregate(glob, zeros, 2)  # accumulates: a = 2, 2, 1; b = 2, 2, 3
-    np.testing.assert_allclose(glob["conv.weight"], [[1 / 2, 1 / 2, 1 / 4]])
+    np.testing.assert_allclose(glob["conv.weight"], [[1 / 2, 1 / 2, 0]])
     glob = rule.aggregate(glob, zeros, 3)  # reset again: a = 1; b = 2
-    np.testing.assert_allclose(glob["conv.weight"], [[1 / 3, 1 / 3, 1 / 3]])
+    np.testing.assert_allclose(glob["conv.weight"], [[0, 0, 0]])
     state = rule.state()
     fresh = FedPMRule(SPEC, REFERENCE, prior_reset=2, seed=0)
     fresh.load_state(state)
     np.testing.assert_array_equal(fresh.a["conv.weight"], [[1, 1, 1]])
     with pytest.raises(ValueError, match="state keys"):
         fresh.load_state({})
+
+
+def test_client_moves_a_theta_of_zero_or_one() -> None:
+    """theta = 0 or 1 (the mode where all clients agree) gives a finite score, |logit(1e-3)|."""
+    score = _score(np.array([0.0, 1.0, 0.5], np.float32), CPU)
+    torch.testing.assert_close(score, torch.tensor([-6.9068, 6.9068, 0.0]), atol=1e-4, rtol=0)
 
 
 def test_evaluated_model_is_reference_times_a_mask_from_theta() -> None:
@@ -257,14 +301,20 @@ def test_client_round_sends_a_mask_the_rule_aggregates(coded: bool) -> None:
     assert 0.0 <= update.metrics["mask-density"] <= 1.0
     new = rule.aggregate(glob, [(32, decoded)], 1)
     mask = decoded.view.mask("1.weight").reshape(3, 4)
-    np.testing.assert_allclose(new["1.weight"], (1 + mask) / 3)  # Beta(1, 1) + one mask
+    np.testing.assert_allclose(new["1.weight"], mask)  # mode of Beta(1, 1) + one mask
     assert all(p.requires_grad for p in task.model.parameters())  # the model is left as found
     assert not any("parametrizations" in k for k in task.model.state_dict())
 
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("fedpm-lr", 0.0), ("fedpm-reg", -1.0), ("fedpm-prior-reset", 0), ("fedpm-entropy-coding", 1)],
+    [
+        ("fedpm-lr", 0.0),
+        ("fedpm-reg", -1.0),
+        ("fedpm-prior-reset", 0),
+        ("fedpm-entropy-coding", 1),
+        ("fedpm-theta", "median"),
+    ],
 )
 def test_bad_options_name_the_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):

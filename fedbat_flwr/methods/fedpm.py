@@ -17,10 +17,15 @@ sparse, which the range coder turns into fewer bits.
 Server (`FedPMRule`), Bayesian aggregation: per entry a Beta(a, b) posterior, reset to
 Beta(1, 1) every `fedpm-prior-reset` rounds (default 1: every round, as the authors' code does;
 their paper resets less often under partial participation), ``a += sum_k m_k``,
-``b += K - sum_k m_k`` and theta = a / (a + b), the posterior *mean* (the authors' code uses the
-mode (a-1)/(a+b-2), which with a reset every round is the plain mean of the masks and can reach
-0 or 1 exactly -- an infinite score no client can move again). Downlink: theta as float16
-(16 bits per weight) plus the running statistics.
+``b += K - sum_k m_k`` and theta = the posterior *mode* (a - 1) / (a + b - 2), as FedPM's
+Bayesian aggregation prescribes (`fedpm-theta = "mode"`, the default). With a reset every round
+that is the plain mean of the K masks, so theta reaches 0 or 1 where all clients agree: the
+evaluation mask then keeps exactly the weights every client kept, and a client still moves such
+an entry because it clips theta into [1e-3, 1 - 1e-3] before taking the logit (`_score`).
+Where a + b - 2 = 0 (no mask since the reset: Beta(1, 1) has no mode) theta is the mean, 1/2.
+`fedpm-theta = "mean"` keeps the posterior mean a / (a + b) instead, which with K = 10 and a
+reset every round stays inside [1/12, 11/12]. Downlink: theta as float16 (16 bits per weight)
+plus the running statistics.
 
 BatchNorm (decided): affine parameters stay frozen at torch's initialisation (weight 1, bias 0,
 as the authors' mask networks have no learnable normalisation); the running statistics are
@@ -42,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..server_rules import ServerRule, expect, require_fedavg, weights_of
 from ..task import build_model_for, state_arrays
 from ..training import input_memory_format
@@ -59,6 +64,7 @@ from .base import ClientUpdate, LocalTask, Method, register
 from .common import local_delta, option, parametrized_by_name
 
 THETA_EPS = 1e-3  # received theta is clipped into [eps, 1 - eps] before taking its logit
+THETA_RULES = ("mode", "mean")  # `fedpm-theta`: the server's point estimate of the Beta posterior
 
 
 @lru_cache(maxsize=4)
@@ -135,11 +141,18 @@ class FedPM(Method):
         self.reg = option(config, "fedpm-reg", 0.0, lambda v: math.isfinite(v) and v >= 0, ">= 0")
         self.coded = option(config, "fedpm-entropy-coding", False, lambda v: True, "true, false")
         self.reset = prior_reset(config)
+        self.theta_rule = theta_rule(config)
 
     @classmethod
     def server_rule(cls, config: RunConfig, spec: ModelSpec) -> ServerRule:
         require_fedavg(config)
-        return FedPMRule(spec, reference_weights(config), prior_reset(config), seed=config.seed)
+        return FedPMRule(
+            spec,
+            reference_weights(config),
+            prior_reset(config),
+            seed=config.seed,
+            theta=theta_rule(config),
+        )
 
     def receive(
         self,
@@ -192,12 +205,40 @@ def prior_reset(config: RunConfig) -> int:
     return option(config, "fedpm-prior-reset", 1, lambda r: r >= 1, "an integer >= 1")
 
 
+def theta_rule(config: RunConfig) -> str:
+    """`fedpm-theta`: the Beta posterior's mode (FedPM's aggregation, default) or its mean."""
+    return check_theta_rule(config.get("fedpm-theta", "mode"))
+
+
+def check_theta_rule(rule: str) -> str:
+    if rule not in THETA_RULES:
+        allowed = ", ".join(repr(r) for r in THETA_RULES)
+        raise ConfigError(f"run-config 'fedpm-theta' = {rule!r} is not allowed; allowed: {allowed}")
+    return rule
+
+
+def posterior_theta(a: np.ndarray, b: np.ndarray, rule: str = "mode") -> np.ndarray:
+    """theta from Beta(a, b): the mode (a - 1) / (a + b - 2), or the mean a / (a + b).
+
+    The mode is undefined where a + b - 2 <= 0 (with the Beta(1, 1) prior: no mask since the
+    last reset); there theta is the mean, 1/2 for the uniform prior.
+    """
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mean = a64 / (a64 + b64)
+    if check_theta_rule(rule) == "mean":
+        return mean.astype(np.float32)
+    evidence = a64 + b64 - 2.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mode = np.clip((a64 - 1.0) / evidence, 0.0, 1.0)
+    return np.where(evidence > 0, mode, mean).astype(np.float32)
+
+
 # --- server -------------------------------------------------------------------------------
 
 
 class FedPMRule(ServerRule):
-    """Beta posteriors per masked entry; the global arrays hold theta (masked tensors), the
-    running statistics and the frozen tensors."""
+    """Beta posteriors per masked entry; the global arrays hold theta (masked tensors: the
+    posterior's mode or mean, `fedpm-theta`), the running statistics and the frozen tensors."""
 
     def __init__(
         self,
@@ -207,7 +248,9 @@ class FedPMRule(ServerRule):
         *,
         seed: int,
         prior: float = 1.0,
+        theta: str = "mode",
     ) -> None:
+        self.theta_rule = check_theta_rule(theta)
         self.spec = spec
         self.masked, self.stats = fedpm_groups(spec)
         self.reference = reference
@@ -248,7 +291,7 @@ class FedPMRule(ServerRule):
         for t in self.masked:
             self.a[t.name] += ones[t.name]
             self.b[t.name] += len(accepted) - ones[t.name]
-            new[t.name] = self.a[t.name] / (self.a[t.name] + self.b[t.name])
+            new[t.name] = posterior_theta(self.a[t.name], self.b[t.name], self.theta_rule)
         sent = validate_fedpm_probs(self.downlink(global_arrays, server_round), self.spec).stats
         acc = {t.name: np.zeros(t.shape, np.float32) for t in self.stats}
         for weight, (_, decoded) in zip(weights_of(accepted), accepted, strict=True):
