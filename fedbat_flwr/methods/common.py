@@ -15,7 +15,8 @@ from torch.nn.utils import parametrize
 from ..config import ConfigError, RunConfig
 from ..task import state_arrays
 from ..training import recompute_batchnorm_statistics, run_sgd
-from ..wire import encode_signs, encode_sparse
+from ..wire import TensorSpec, encode_signs, encode_sparse, is_binarized
+from ..wire.mixed import encode_mixed
 from .base import LocalTask
 
 T = TypeVar("T")
@@ -60,18 +61,57 @@ def train_plain(task: LocalTask) -> float:
 def encode_param_signs(
     task: LocalTask, bits: dict[str, np.ndarray], alphas: dict[str, float]
 ) -> dict[str, np.ndarray]:
-    """A 1-bit payload: the method's bits + alphas for parameters, `stat_signs` for statistics.
+    """A post-training 1-bit payload: the method's bits + alphas for parameters, BatchNorm as
+    the run's `bn-payload` says (`stat_signs`, or float updates of affine and statistics).
 
-    The statistics are those of the model the bits describe (`statistics_for_sent_update`),
+    The statistics are those of the model the payload describes (`statistics_for_sent_update`),
     not of the locally trained one.
     """
+    trained = local_delta(task)
     sent = {
-        name: np.where(b, np.float32(alphas[name]), np.float32(-alphas[name]))
-        for name, b in bits.items()
+        t.name: np.where(bits[t.name], np.float32(alphas[t.name]), np.float32(-alphas[t.name]))
+        if t.name in bits
+        else trained[t.name]
+        for t in task.spec
+        if t.kind == "param"
     }
     statistics_for_sent_update(task, sent)
-    stat_bits, stat_alphas = stat_signs(task)
-    return encode_signs(task.spec, {**bits, **stat_bits}, {**alphas, **stat_alphas})
+    return encode_one_bit(task, bits, alphas, sent)
+
+
+def encode_one_bit(
+    task: LocalTask,
+    bits: dict[str, np.ndarray],
+    alphas: dict[str, float],
+    params: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """A 1-bit payload: ``bits`` / ``alphas`` for what was binarized, BatchNorm as the run's
+    `bn-payload` says, statistics from the model as it is now. A float `bn-payload` sends the
+    other parameters' updates from ``params`` (default: the model's own update)."""
+    width = bn_float_width(task.config)
+    if width is None:
+        stat_bits, stat_alphas = stat_signs(task)
+        return encode_signs(task.spec, {**bits, **stat_bits}, {**alphas, **stat_alphas})
+    now = local_delta(task)
+    params = now if params is None else params
+    dense = {
+        t.name: params[t.name] if t.kind == "param" else now[t.name]
+        for t in task.spec
+        if not is_binarized(t)
+    }
+    return encode_mixed(task.spec, bits, alphas, dense, width)
+
+
+def signed_params(task: LocalTask) -> list[TensorSpec]:
+    """The parameters a post-training sign method sends as bits: all of them, or with a float
+    `bn-payload` only the conv / linear weights (the rest travel as floats)."""
+    binary = bn_float_width(task.config) is None
+    return [t for t in task.spec if t.kind == "param" and (binary or is_binarized(t))]
+
+
+def bn_float_width(config: RunConfig) -> int | None:
+    """16 or 32 when `bn-payload` sends BatchNorm as floats; None for 1 bit + alpha."""
+    return {"float16": 16, "float32": 32}.get(config.bn_payload)
 
 
 def statistics_for_sent_update(task: LocalTask, sent: Mapping[str, np.ndarray]) -> None:

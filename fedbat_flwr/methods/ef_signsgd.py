@@ -15,7 +15,7 @@ from collections.abc import MutableMapping
 import numpy as np
 
 from .base import ClientUpdate, LocalTask, Method, register
-from .common import encode_param_signs, local_delta, train_plain
+from .common import encode_param_signs, local_delta, signed_params, train_plain
 
 
 @register
@@ -30,11 +30,8 @@ class EFSignSGD(Method):
         delta = local_delta(task)
         bits: dict[str, np.ndarray] = {}
         alphas: dict[str, float] = {}
-        for t in task.spec:
-            if t.kind == "param":
-                bits[t.name], alphas[t.name] = error_feedback_step(
-                    task.state, t.name, delta[t.name]
-                )
+        for t in signed_params(task):
+            bits[t.name], alphas[t.name] = error_feedback_step(task.state, t.name, delta[t.name])
         payload = encode_param_signs(task, bits, alphas)
         return ClientUpdate(payload, task.batches.num_examples, {"train-loss": loss})
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from ..training import FedBATConfig, train_fedbat
-from ..wire import encode_signs
 from .base import ClientUpdate, LocalTask, Method, register
-from .common import stat_signs
+from .common import bn_float_width, encode_one_bit
 
 
 @register
@@ -25,13 +24,11 @@ class FedBAT(Method):
             phi=cfg.phi,
             alpha_min=cfg.alpha_min,
             alpha_max=cfg.alpha_max,
+            only_matrices=bn_float_width(cfg) is not None,
         )
         result = train_fedbat(
             task.model, task.batches, trainer_config, device=task.device, seed=task.seed
         )
-        stat_bits, stat_alphas = stat_signs(task)
-        payload = encode_signs(
-            task.spec, {**result.bits, **stat_bits}, {**result.alphas, **stat_alphas}
-        )
+        payload = encode_one_bit(task, result.bits, result.alphas)
         metrics = {"train-loss": result.train_loss, "switch-step": float(result.switch_step)}
         return ClientUpdate(payload, result.num_examples, metrics)

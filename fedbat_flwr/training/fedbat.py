@@ -24,6 +24,9 @@ class FedBATConfig:
     phi: float = 0.5
     alpha_min: float = 5e-4
     alpha_max: float = 5e-2
+    # Binarize conv / linear weights only; train BatchNorm affine and biases in full precision
+    # (run-config bn-payload float16 / float32, as the authors' code does).
+    only_matrices: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -44,7 +47,7 @@ class FedBATConfig:
 class FedBATResult:
     """What one client sends: per tensor (state_dict name) its bits (True = +alpha) and alpha."""
 
-    bits: dict[str, np.ndarray]
+    bits: dict[str, np.ndarray]  # the binarized tensors only
     alphas: dict[str, float]
     num_examples: int
     train_loss: float
@@ -73,8 +76,9 @@ def train_fedbat(
     switch is made after the last step so the result is still 1 bit + alpha (alpha' = mean|m|).
     With phi = 0, m = 0 at the switch, so alpha' = 0 and the clamp lifts alpha to alpha_min.
 
-    On return the model holds its original weights again; BN running statistics stay as
-    trained in its buffers (the caller sends them). ``seed`` fixes the noise of S; the batch
+    On return the binarized parameters hold their original weights again; BN running
+    statistics (and, with ``only_matrices``, the plain parameters) stay as trained (the caller
+    sends them). ``seed`` fixes the noise of S; the batch
     order comes from ``batches.generator``.
     """
     if batches.num_examples == 0:
@@ -87,7 +91,10 @@ def train_fedbat(
         alpha_min=config.alpha_min,
         alpha_max=config.alpha_max,
         generator=noise,
+        only_matrices=config.only_matrices,
     )
+    # Parameters left plain (only_matrices) train as they are, beside the updates.
+    plain = [p for p in model.parameters() if p.requires_grad]
     tau = config.epochs * len(batches)
     switch = switch_step(config.phi, tau)
 
@@ -98,7 +105,7 @@ def train_fedbat(
     try:
         steps, train_loss = run_sgd(
             model,
-            [updates.update, updates.alpha_e],
+            [updates.update, updates.alpha_e, *plain],
             batches,
             epochs=config.epochs,
             lr=config.lr,

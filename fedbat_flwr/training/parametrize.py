@@ -370,9 +370,12 @@ def attach_binarized_updates(
     alpha_min: float,
     alpha_max: float,
     generator: torch.Generator | None = None,
+    only_matrices: bool = False,
 ) -> BinarizedUpdates:
     """Parametrize every floating-point parameter of ``model`` as ``w + update``.
 
+    With ``only_matrices`` only parameters of two or more dimensions (conv / linear weights) are
+    binarized; the others (BatchNorm affine, biases) stay plain, trainable parameters.
     Base weights are frozen (``requires_grad=False``). The returned updates (also found with
     ``binarized_updates_of(model)``) name each tensor by its ``state_dict`` name before
     parametrization (e.g. ``"features.0.weight"``). They are not a submodule of ``model``
@@ -385,7 +388,7 @@ def attach_binarized_updates(
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             key = f"{module_name}.{name}" if module_name else name
-            if not param.is_floating_point():
+            if not param.is_floating_point() or (only_matrices and param.dim() < 2):
                 continue
             if id(param) in seen:
                 raise ValueError(f"parameter {key!r} is shared between modules; not supported")
