@@ -26,6 +26,7 @@ from .results import (
     load_checkpoint,
     save_checkpoint,
 )
+from .server_rules import Evaluation
 from .strategy import UplinkMixin, build_strategy
 from .task import build_model_for, data_config, load_state, model_spec, state_arrays
 from .training import default_device, evaluate, prepare_model
@@ -42,6 +43,10 @@ def main(grid: Grid, context: Context) -> None:
     spec = model_spec(model)
     rule = method.server_rule(config, spec)  # None unless the method has its own server side
     initial = state_arrays(model) if rule is None else rule.initial(state_arrays(model))
+    # What the server tests: the rule's model, the method's (BiFL: its binary network), or the
+    # global weights as they are.
+    evaluation = rule if rule is not None else method.evaluation(config, spec)
+    evaluation = evaluation if evaluation is not None else Evaluation()
 
     random.seed(config.seed)  # Flower samples clients with `random.sample`
     checkpoint = None
@@ -85,7 +90,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.round_offset = checkpoint.round
         restore_rng(checkpoint)
         log(INFO, "fedbat-flwr: resuming after round %d", checkpoint.round)
-    evaluate_fn = CentralEvaluation(config, strategy, recorder)
+    evaluate_fn = CentralEvaluation(config, strategy, recorder, evaluation)
     result = strategy.start(
         grid=grid,
         initial_arrays=arrays_to_record(initial),
@@ -95,7 +100,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=evaluate_fn,
     )
     final = record_to_arrays(result.arrays) if result.arrays is not None else initial
-    summary = recorder.finish(final if rule is None else rule.eval_arrays(final))
+    summary = recorder.finish(evaluation.eval_arrays(final))
     log(
         INFO,
         "fedbat-flwr: final accuracy %s, best %s, uplink %.2f MB, results in %s",
@@ -133,10 +138,17 @@ def restore_rng(checkpoint: Checkpoint) -> None:
 class CentralEvaluation:
     """Flower's `evaluate_fn`: test the global model, then write the round's results row."""
 
-    def __init__(self, config: RunConfig, strategy: UplinkMixin, recorder: RunRecorder) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        strategy: UplinkMixin,
+        recorder: RunRecorder,
+        evaluation: Evaluation,
+    ) -> None:
         self.config = config
         self.strategy = strategy
         self.recorder = recorder
+        self.evaluation = evaluation
         self.device = default_device()
         self.test = load_test_set(
             data_config(config, num_partitions=1), max_examples=config.max_test_examples or None
@@ -151,19 +163,13 @@ class CentralEvaluation:
         metrics: dict[str, float] = {}
         extra: dict[str, float] = {}
         if server_round == 0 or last or server_round % self.config.eval_every == 0:
+            # The global arrays need not be the tested weights (FedPM: theta; BiFL: latent).
             weights = record_to_arrays(arrays)
-            rule = self.strategy.rule
-            if rule is not None:  # the rule's global arrays are not (all) model weights
-                extra = rule.eval_metrics(weights)
-                weights = rule.eval_arrays(weights)
-            load_state(self.model, weights)
-            loss, accuracy = evaluate(
-                self.model,
-                self.test.x,
-                self.test.y,
-                batch_size=self.config.eval_batch_size,
-                device=self.device,
-            )
+            extra = self.evaluation.eval_metrics(weights)
+            for name, side in self.evaluation.side_arrays(weights).items():
+                side_loss, side_accuracy = self._test(side)
+                extra |= {f"test_accuracy_{name}": side_accuracy, f"test_loss_{name}": side_loss}
+            loss, accuracy = self._test(self.evaluation.eval_arrays(weights))
             metrics = {"test-loss": loss, "test-accuracy": accuracy}
         if server_round == 0:
             self.recorder.initial = {"accuracy": metrics["test-accuracy"]}
@@ -171,6 +177,17 @@ class CentralEvaluation:
             self._record(server_round, metrics, extra)
             self._checkpoint(server_round, arrays)
         return MetricRecord(metrics) if metrics else None
+
+    def _test(self, weights: dict[str, np.ndarray]) -> tuple[float, float]:
+        """(loss, accuracy) of ``weights`` on the test set."""
+        load_state(self.model, weights)
+        return evaluate(
+            self.model,
+            self.test.x,
+            self.test.y,
+            batch_size=self.config.eval_batch_size,
+            device=self.device,
+        )
 
     def _checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
         """After the round's row: the state to continue from if the server stops now."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..data import TensorData
-from ..server_rules import ServerRule
+from ..server_rules import Evaluation, ServerRule
 from ..task import build_model_for, client_seed, load_state, model_spec
 from ..training import TensorBatches, default_device, prepare_model
 from ..wire import ModelSpec
@@ -78,6 +78,12 @@ class Method(ABC):
     def server_rule(cls, config: RunConfig, spec: ModelSpec) -> ServerRule | None:
         """The method's own server side (docs/ARCHITECTURE.md, "Methods"), or None: the dense
         model goes down and the strategy averages the decoded replies."""
+        return None
+
+    @classmethod
+    def evaluation(cls, config: RunConfig, spec: ModelSpec) -> Evaluation | None:
+        """What the server tests when the method has no `server_rule` but its clients do not
+        run the global weights as they are (BiFL: a binary network), or None: the weights."""
         return None
 
     def receive(

@@ -14,7 +14,14 @@ the new global model, which the clients take as their next latent weights):
   parameter on CNN4 for those, counted).
 - `bifl-full`: the full-precision latent weights, dense float32 ("dense", like FedAvg).
 
-The server evaluates the averaged weights as an ordinary (full-precision) model.
+The server evaluates the network the clients compute with: the global (averaged) weights seen
+through the clients' forward pass, alpha * sign(w) with alpha = mean |w| per binarized tensor
+(`server_rules.BinaryNetworkEvaluation`), for both variants: `bifl`'s global tensors are means of
+the clients' alpha_k * sign(w_k), `bifl-full`'s means of their latent weights, and either is what
+the next round's clients binarize. The BatchNorm statistics the clients send were gathered under
+that binary forward pass too. The same global weights read as a float model are scored beside it
+(`test_accuracy_latent` in metrics.jsonl); a binary network's latent weights score far lower.
+`model.npz` holds the binary network.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import RunConfig
+from ..server_rules import BinaryNetworkEvaluation, Evaluation
 from ..task import state_arrays
-from ..wire import encode_binary_weights, is_binarized
+from ..wire import ModelSpec, encode_binary_weights, is_binarized
 from .base import ClientUpdate, LocalTask, Method, register
 from .common import parametrized_weights, train_plain
 
@@ -45,8 +54,16 @@ def train_binary(task: LocalTask) -> float:
         return train_plain(task)
 
 
+class BinaryNetworkMethod(Method):
+    """A BNN method: the server tests the global weights as the clients' binary network."""
+
+    @classmethod
+    def evaluation(cls, config: RunConfig, spec: ModelSpec) -> Evaluation:
+        return BinaryNetworkEvaluation(spec)
+
+
 @register
-class BiFL(Method):
+class BiFL(BinaryNetworkMethod):
     """BNN local training; upload alpha * sign(latent weights), 1 bit + alpha per layer."""
 
     name = "bifl"
@@ -68,7 +85,7 @@ class BiFL(Method):
 
 
 @register
-class BiFLFull(Method):
+class BiFLFull(BinaryNetworkMethod):
     """BNN local training; upload the full-precision latent weights (uncompressed)."""
 
     name = "bifl-full"
