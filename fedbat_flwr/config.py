@@ -8,6 +8,7 @@ fails once, at start-up, with a message naming the key, the value and what is al
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -164,3 +165,21 @@ def _check_range(
 
 def _dash(key: str) -> str:
     return key.replace("_", "-")
+
+
+def check_keys(overrides: Mapping[str, Any], known: Mapping[str, Any]) -> None:
+    """Refuse run-config keys the app does not declare (with a did-you-mean) and values whose
+    type does not fit the key's default, before Flower starts.
+
+    `known` is pyproject's `[tool.flwr.app.config]` table: Flower refuses any other key, but only
+    after its SuperLink has started and without naming the key.
+    """
+    for key, value in overrides.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"run-config key '{key}' is unknown; {hint}every key and its default is in "
+                "[tool.flwr.app.config] of pyproject.toml"
+            )
+        _coerce(key, value, type(known[key]))

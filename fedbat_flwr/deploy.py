@@ -25,12 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
@@ -41,14 +39,17 @@ from cryptography.x509.oid import NameOID
 
 from .localrun import (
     APP_DIR,
+    RunStatus,
     _alive,
     _bin,
     _signal_all,
     descendants,
     free_ports,
+    latest_run_status,
     processes_under,
     run_config_arg,
     stop_leftovers,
+    stop_on_signals,
     stop_process_group,
     stop_trees,
 )
@@ -503,45 +504,22 @@ def all_gone(pids: Sequence[int]) -> bool:
     return not any(_alive(pid) for pid in pids)
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived: unwind, so that `finally` blocks stop what we started."""
-
-
-@contextmanager
-def stop_on_signals(cleanup: Callable[[], None]) -> Iterator[None]:
-    """Turn SIGINT/SIGTERM into `Interrupted` while the block runs; then always `cleanup()`.
-
-    Signals are ignored during the clean-up, so an impatient second Ctrl-C cannot leave a
-    half-stopped deployment behind. Call from the main thread (Python's signal rule).
-    """
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig in previous:
-            signal.signal(sig, signal.SIG_IGN)
-        try:
-            cleanup()
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-
 def deploy_and_run(
     deployment: LocalDeployment,
     run_config: Mapping[str, Any],
     *,
     on_line: Callable[[str], None] = print,
     timeout: float | None = None,
-) -> int:
-    """Start the deployment, run the app once, stop everything (also on Ctrl-C or errors)."""
+) -> tuple[int, RunStatus | None]:
+    """Start the deployment, run the app once, stop everything (also on Ctrl-C or errors).
+
+    Returns `flwr run`'s exit code and the run's status as the SuperLink saw it (asked before
+    the SuperLink stops): `flwr run --stream` exits 0 even when the run failed.
+    """
     with stop_on_signals(deployment.stop):
         deployment.start()
         on_line(
             f"[deploy] SuperLink {deployment.address}, {len(deployment.nodes)} SuperNodes online"
         )
-        return deployment.run(run_config, on_line=on_line, timeout=timeout)
+        code = deployment.run(run_config, on_line=on_line, timeout=timeout)
+        return code, latest_run_status([CONNECTION], deployment.env())

@@ -8,6 +8,9 @@ installation disabled because the environment already holds the app), submit run
 
 from __future__ import annotations
 
+import argparse
+import functools
+import json
 import os
 import signal
 import socket
@@ -17,13 +20,41 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, fields
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httpx
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
 APP_DIR = Path(__file__).resolve().parent.parent
 FLOWER_CONFIG = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+
+
+def app_config_defaults(app_dir: Path = APP_DIR) -> dict[str, Any]:
+    """Every run-config key Flower accepts, with its default: pyproject's [tool.flwr.app.config].
+
+    Flower refuses `--run-config` keys its pyproject does not list, so that table is the
+    authority; RunConfig's fields fill in if the package is installed without its pyproject.
+    """
+    return dict(_app_config_defaults(app_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _app_config_defaults(app_dir: Path) -> dict[str, Any]:
+    from .config import RunConfig
+
+    defaults = {f.name.replace("_", "-"): f.default for f in fields(RunConfig) if f.name != "extra"}
+    path = app_dir / "pyproject.toml"
+    if path.exists():
+        with open(path, "rb") as fh:
+            defaults.update(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    return defaults
 
 
 def _bin(name: str) -> str:
@@ -282,3 +313,216 @@ def local_superlink(**kwargs: int) -> Iterator[LocalSuperLink]:
     link = LocalSuperLink(**kwargs)
     with link:
         yield link
+
+
+# -- stopping on signals ---------------------------------------------------------------------
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: unwind, so that `finally` blocks stop what we started."""
+
+
+@contextmanager
+def stop_on_signals(cleanup: Callable[[], Any]) -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into `Interrupted` while the block runs; then always `cleanup()`.
+
+    Signals are ignored during the clean-up, so an impatient second Ctrl-C cannot leave a
+    half-stopped run behind. Call from the main thread (Python's signal rule).
+    """
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            cleanup()
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+# -- did the run succeed? --------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunStatus:
+    """A run as the SuperLink reports it (`flwr ls --format json`)."""
+
+    run_id: str
+    status: str  # e.g. "finished:completed", "finished:failed", "running"
+    details: str  # Flower's status details: the exception message of a failed run
+
+
+def latest_run_status(flwr_ls: Sequence[str], env: Mapping[str, str]) -> RunStatus | None:
+    """The most recently submitted run of a SuperLink; `flwr_ls` = the `flwr ls` arguments
+    that reach it (e.g. a connection name). None if the SuperLink cannot tell."""
+    try:
+        result = subprocess.run(
+            [_bin("flwr"), "ls", *flwr_ls, "--format", "json"],
+            env=dict(env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        runs = json.loads(result.stdout)["runs"]
+    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, TypeError):
+        return None
+    if not runs:
+        return None
+    latest = max(enumerate(runs), key=lambda item: (item[1].get("pending-at") or "", item[0]))[1]
+    return RunStatus(
+        str(latest.get("run-id")), str(latest.get("status")), str(latest.get("status-details"))
+    )
+
+
+def failure_reason(
+    run_dir: Path, num_rounds: int, exit_code: int, status: RunStatus | None
+) -> str | None:
+    """None if the run wrote its complete results; otherwise one line saying why not.
+
+    `flwr run --stream` exits 0 whatever happened to the run, so success is read from the
+    results contract (summary.json with every round) and the reason from the SuperLink.
+    """
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = None
+    if summary is not None and summary.get("rounds_completed") == num_rounds:
+        return None
+    if status is not None and status.status.endswith("failed") and status.details.strip():
+        details = status.details.strip().splitlines()
+        return details[-1] if details[-1].strip() else details[0]
+    if status is not None and status.status.endswith("stopped"):
+        return f"run {status.run_id} was stopped"
+    if exit_code != 0:
+        return f"flwr run exited with status {exit_code}"
+    return f"the run ended without writing {run_dir / 'summary.json'}"
+
+
+def mark_failed(run_dir: Path, reason: str) -> None:
+    """Leave `<run dir>/FAILED` with the reason, if the run made its folder: beside log.txt
+    and the rounds done so far (resumable from checkpoint.npz), never a summary.json."""
+    from .results import FAILED_FILE
+
+    if run_dir.is_dir():
+        (run_dir / FAILED_FILE).write_text(reason + "\n")
+
+
+# -- the command behind scripts/run_local.sh -------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_local.sh",
+        description="Check the run config, run the app on a simulation SuperLink owned by this "
+        "command, stop every process it started, and exit non-zero if the run failed.",
+    )
+    parser.add_argument(
+        "--num-supernodes", type=int, default=10, help="simulated SuperNodes (default 10)"
+    )
+    parser.add_argument(
+        "--run-config",
+        "-c",
+        action="append",
+        default=[],
+        help="overrides, as for `flwr run`, e.g. \"method='fedavg' local-epochs=2\"",
+    )
+    parser.add_argument(
+        "--federation-config",
+        action="append",
+        default=[],
+        help='as for `flwr run`, e.g. "num-supernodes=5 client-resources-num-cpus=1"',
+    )
+    parser.add_argument("--stream", action="store_true", help="accepted; output always streams")
+    parser.add_argument("--timeout", type=float, help="seconds before the run is stopped")
+    return parser
+
+
+def plan_run(overrides: dict[str, Any], known: Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
+    """Fix output-dir (absolute) and run-name in the overrides, so the run dir is known here."""
+    from .results import default_run_name
+
+    config = {**known, **overrides}
+    if config.get("resume-from"):
+        return overrides, Path(str(config["resume-from"])).expanduser().resolve()
+    output_dir = Path(str(config["output-dir"])).expanduser().resolve()
+    name = str(config.get("run-name") or "") or default_run_name(
+        str(config["method"]), str(config["dataset"]), str(config["partitioner"]), output_dir
+    )
+    planned = {**overrides, "output-dir": str(output_dir), "run-name": name}
+    return planned, output_dir / name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Pre-flight, run, report: the last line printed says where the results are or why not."""
+    from flwr.common.config import parse_config_args
+
+    from .config import ConfigError
+    from .preflight import preflight
+
+    args = _parser().parse_args(argv)
+    try:
+        overrides = parse_config_args(args.run_config)
+        federation = parse_config_args(args.federation_config)
+        num_nodes = int(federation.pop("num-supernodes", args.num_supernodes))
+        known = app_config_defaults()
+        overrides, run_dir = plan_run(overrides, known)
+        config = preflight(overrides, known, num_nodes=num_nodes)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return run_and_report(
+        overrides, run_dir, config.num_server_rounds, num_nodes, federation, args.timeout
+    )
+
+
+def run_and_report(
+    overrides: Mapping[str, Any],
+    run_dir: Path,
+    num_rounds: int,
+    num_nodes: int,
+    federation: Mapping[str, Any],
+    timeout: float | None,
+) -> int:
+    """One run on a SuperLink of our own; its output is streamed and kept in <run dir>/log.txt."""
+    from .results import FAILED_FILE
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)
+    log_path = run_dir / "log.txt"
+    link = LocalSuperLink()
+    code, status, reason, interrupted = 1, None, None, False
+    with open(log_path, "a") as log:
+
+        def on_line(text: str) -> None:
+            print(text, flush=True)
+            log.write(text + "\n")
+            log.flush()
+
+        try:
+            with stop_on_signals(link.stop):
+                link.start()
+                code = link.run(
+                    overrides,
+                    num_supernodes=num_nodes,
+                    on_line=on_line,
+                    timeout=timeout,
+                    federation=federation,
+                )
+                status = latest_run_status([], link.env)
+        except Interrupted as exc:
+            reason = f"interrupted ({exc}); every process the run started is stopped"
+            interrupted = True
+        except (TimeoutError, RuntimeError) as exc:
+            reason = str(exc)
+    reason = reason or failure_reason(run_dir, num_rounds, code, status)
+    if reason is None:
+        print(f"results in {run_dir}", flush=True)
+        return 0
+    mark_failed(run_dir, reason)
+    print(f"error: {reason} (log: {log_path})", file=sys.stderr, flush=True)
+    return 130 if interrupted else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

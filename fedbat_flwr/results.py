@@ -1,4 +1,5 @@
-"""The results contract: `<output-dir>/<run-name>/` with metrics.jsonl, summary.json, model.npz.
+"""The results contract: `<output-dir>/<run-name>/` with metrics.jsonl, summary.json, model.npz,
+checkpoint.npz (and log.txt / FAILED from the local runners).
 
 Other tools (the sweep's tables and plots, CI checks) read these files, so the keys below are
 stable: add keys, never rename or drop them.
@@ -47,9 +48,31 @@ SUMMARY_KEYS = (
 )
 
 
-def default_run_name(method: str, dataset: str, partitioner: str) -> str:
+# Files that make a folder a run's results; a new run never writes into a folder holding one.
+RESULT_FILES = ("metrics.jsonl", "summary.json", "model.npz", "checkpoint.npz")
+# Written by the local runners next to log.txt when a run fails: the one-line reason.
+FAILED_FILE = "FAILED"
+
+
+def default_run_name(
+    method: str, dataset: str, partitioner: str, output_dir: Path | None = None
+) -> str:
+    """<method>-<dataset>-<partitioner>-<UTC time>; with `output_dir`, one no run there holds
+    (two runs started in the same second get -2, -3, ...)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return f"{method}-{dataset}-{partitioner}-{stamp}"
+    name = f"{method}-{dataset}-{partitioner}-{stamp}"
+    if output_dir is None:
+        return name
+    candidate, number = name, 1
+    while holds_results(Path(output_dir) / candidate):
+        number += 1
+        candidate = f"{name}-{number}"
+    return candidate
+
+
+def holds_results(run_dir: Path) -> bool:
+    """True if `run_dir` has any file of a run's results (a log or FAILED note alone is not)."""
+    return any((Path(run_dir) / name).exists() for name in RESULT_FILES)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -201,11 +224,12 @@ class RunRecorder:
         )
 
     def __post_init__(self) -> None:
-        """Start metrics.jsonl afresh, or with the rows a resumed run already has."""
+        """A resumed run: rewrite metrics.jsonl with the rows it already has. A new run writes
+        nothing until its first round, so a run that fails before round 1 leaves no folder."""
         self.run_dir = Path(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(row) + "\n" for row in self.rows)
-        atomic_write_bytes(self.run_dir / "metrics.jsonl", text.encode())
+        if self.rows:
+            text = "".join(json.dumps(row) + "\n" for row in self.rows)
+            atomic_write_bytes(self.run_dir / "metrics.jsonl", text.encode())
         (self.run_dir / "summary.json").unlink(missing_ok=True)  # written again at the end
 
     @property
@@ -219,12 +243,14 @@ class RunRecorder:
             raise KeyError(f"metrics row lacks {missing}")
         row = _jsonable(row)
         self.rows.append(row)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(progress_line(row, self.num_rounds), flush=True)
 
     def finish(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Write the final model and summary.json; return the summary."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         save_arrays(self.run_dir / "model.npz", arrays)
         summary = self.summary()
         atomic_write_json(self.run_dir / "summary.json", summary)

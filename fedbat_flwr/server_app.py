@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from .config import RunConfig
 from .data import load_test_set
 from .methods import get_method
+from .preflight import check_startup, node_wait_timeout, wait_for_nodes
 from .records import arrays_to_record, record_to_arrays
 from .results import (
     CHECKPOINT_VERSION,
@@ -38,6 +39,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_flower(context.run_config)
+    check_startup(config)  # every option, data-dir, output-dir: before any folder is made
     method = get_method(config.method)
     model = build_model_for(config)
     spec = model_spec(model)
@@ -55,10 +57,11 @@ def main(grid: Grid, context: Context) -> None:
         checkpoint = load_checkpoint(run_dir)
         check_resumable(checkpoint, config.to_flower(), run_dir)
     else:
+        output_dir = Path(config.output_dir).resolve()
         run_name = config.run_name or default_run_name(
-            config.method, config.dataset, config.partitioner
+            config.method, config.dataset, config.partitioner, output_dir
         )
-        run_dir = Path(config.output_dir).resolve() / run_name
+        run_dir = output_dir / run_name
     recorder = RunRecorder.continuing(
         checkpoint,
         run_dir,
@@ -91,6 +94,9 @@ def main(grid: Grid, context: Context) -> None:
         restore_rng(checkpoint)
         log(INFO, "fedbat-flwr: resuming after round %d", checkpoint.round)
     evaluate_fn = CentralEvaluation(config, strategy, recorder, evaluation)
+    wait_for_nodes(
+        lambda: len(list(grid.get_node_ids())), config.min_train_nodes, node_wait_timeout(config)
+    )
     result = strategy.start(
         grid=grid,
         initial_arrays=arrays_to_record(initial),

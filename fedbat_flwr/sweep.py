@@ -25,9 +25,7 @@ An output folder inside the app folder must be git-ignored: `flwr run` packs eve
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import fcntl
-import functools
 import io
 import itertools
 import json
@@ -46,13 +44,15 @@ from typing import Any, TextIO
 import yaml
 
 from .config import ConfigError, RunConfig
-from .localrun import APP_DIR, LocalSuperLink
+from .localrun import (
+    APP_DIR,
+    LocalSuperLink,
+    app_config_defaults,
+    failure_reason,
+    latest_run_status,
+    mark_failed,
+)
 from .report import GroupKey, load_run, write_report
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 SUITE_KEYS = ("name", "description", "base", "grid", "clients-per-round", "labels", "paper")
 NUM_CLIENTS = "num-clients"  # not a run-config key: the number of simulated SuperNodes
@@ -100,29 +100,6 @@ class Cell:
     @property
     def seed(self) -> int:
         return int(self.run_config["seed"])
-
-
-def app_config_defaults(app_dir: Path = APP_DIR) -> dict[str, Any]:
-    """Every run-config key Flower accepts, with its default: pyproject's [tool.flwr.app.config].
-
-    Flower silently drops `--run-config` keys its pyproject does not list, so that table is the
-    authority; RunConfig's fields fill in if the package is installed without its pyproject.
-    """
-    return dict(_app_config_defaults(app_dir))
-
-
-@functools.lru_cache(maxsize=4)
-def _app_config_defaults(app_dir: Path) -> dict[str, Any]:
-    defaults = {
-        f.name.replace("_", "-"): f.default
-        for f in dataclasses.fields(RunConfig)
-        if f.name != "extra"
-    }
-    path = app_dir / "pyproject.toml"
-    if path.exists():
-        with open(path, "rb") as fh:
-            defaults.update(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
-    return defaults
 
 
 def load_suite(path: Path, known_methods: Sequence[str] | None = None) -> Suite:
@@ -283,13 +260,24 @@ def _check_num_clients(suite: Suite) -> None:
 
 
 def _check_methods(cells: Sequence[Cell], known: Sequence[str] | None) -> None:
-    if known is None:
-        from .methods import method_names  # imports torch: only when the suite is otherwise fine
+    """Every cell's method options, data keys and min-train-nodes, as the ServerApp will check
+    them (`known` given: only the method names, without importing torch)."""
+    if known is not None:
+        unknown = sorted({c.run_config["method"] for c in cells} - set(known))
+        if unknown:
+            registered = ", ".join(sorted(known))
+            raise SuiteError(f"unknown method(s) {unknown}; registered: {registered}")
+        return
+    from .preflight import check_data, check_method, check_nodes  # torch: suite is otherwise fine
 
-        known = method_names()
-    unknown = sorted({c.run_config["method"] for c in cells} - set(known))
-    if unknown:
-        raise SuiteError(f"unknown method(s) {unknown}; registered: {', '.join(sorted(known))}")
+    for cell in cells:
+        config = RunConfig.from_flower(cell.run_config)
+        try:
+            check_method(config)
+            check_data(config, num_partitions=cell.num_clients)
+            check_nodes(config, cell.num_clients)
+        except ConfigError as exc:
+            raise SuiteError(f"cell {cell.params}: {exc}") from None
 
 
 # --- cells ----------------------------------------------------------------------------------
@@ -445,8 +433,9 @@ def owned_superlink(out: TextIO = sys.stdout) -> Iterator[LocalSuperLink]:
             print(f"SuperLink pid {link.process.pid} stopped{note}", file=out, flush=True)
 
 
-def run_cell(link: LocalSuperLink, cell: Cell, runs_dir: Path, progress: Progress) -> bool:
-    """Run one cell from a clean run dir; its whole output goes to the run dir's log.txt."""
+def run_cell(link: LocalSuperLink, cell: Cell, runs_dir: Path, progress: Progress) -> str | None:
+    """Run one cell from a clean run dir (its whole output goes to the run dir's log.txt);
+    None if it wrote all its results, else the one-line reason (also in <run dir>/FAILED)."""
     run_dir = runs_dir / cell.run_name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # interrupted or stale: restart cleanly
@@ -465,16 +454,21 @@ def run_cell(link: LocalSuperLink, cell: Cell, runs_dir: Path, progress: Progres
         code = link.run(run_config, num_supernodes=cell.num_clients, on_line=on_line)
     ok = cell_status(cell, runs_dir) == "done"
     progress.finish(cell, ok)
-    if not ok:
-        _show_failure(run_dir / "log.txt", code, progress.out)
-    return ok
+    if ok:
+        return None
+    status = latest_run_status([], link.env)
+    reason = failure_reason(run_dir, cell.num_rounds, code, status) or "incomplete results"
+    mark_failed(run_dir, reason)
+    _show_failure(run_dir / "log.txt", reason, progress.out)
+    return reason
 
 
-def _show_failure(log_path: Path, code: int, out: TextIO, lines: int = 15) -> None:
+def _show_failure(log_path: Path, reason: str, out: TextIO, lines: int = 15) -> None:
     tail = log_path.read_text().splitlines()[-lines:]
-    print(f"  flwr run exited with {code}; last lines of {log_path}:", file=out)
+    print(f"  last lines of {log_path}:", file=out)
     for text in tail:
         print(f"  | {text}", file=out)
+    print(f"  failed: {reason}", file=out)
     out.flush()
 
 
@@ -511,8 +505,10 @@ def run_suite(
     written = write_tables(suite, cells, out_dir)
     for path in written:
         print(f"wrote {path}", file=out)
-    if failed:
-        print(f"{len(failed)} cell(s) failed: {', '.join(failed)}", file=out)
+    if failed:  # the reasons come last, one line each (tracebacks are in each log.txt)
+        print(f"{len(failed)} cell(s) failed:", file=out)
+        for line in failed:
+            print(f"  {line}", file=out)
     return 1 if failed else 0
 
 
@@ -523,8 +519,9 @@ def _run_cells(
     failed: list[str] = []
     with owned_superlink(out) as link:
         for cell in todo:
-            if not run_cell(link, cell, runs_dir, progress):
-                failed.append(cell.run_name)
+            reason = run_cell(link, cell, runs_dir, progress)
+            if reason is not None:
+                failed.append(f"{cell.run_name}: {reason}")
                 if fail_fast:
                     break
     return failed

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Run the app on Flower's Deployment Engine on this machine (loopback), then stop it all.
 
-Starts a SuperLink (deployment mode) and N SuperNodes on 127.0.0.1 with a private Flower home
-and free ports, submits one short run with `flwr run . deploy --stream`, streams its log, and
-stops every process it started by PID (whole process trees) when the run ends, fails, or on
-Ctrl-C / SIGTERM. Per-process logs go to --log-dir.
+Checks the run config first (as scripts/run_local.sh does, with --num-nodes as the number of
+SuperNodes), then starts a SuperLink (deployment mode) and N SuperNodes on 127.0.0.1 with a
+private Flower home and free ports, submits one short run with `flwr run . deploy --stream`,
+streams its log, and stops every process it started by PID (whole process trees) when the run
+ends, fails, or on Ctrl-C / SIGTERM. Per-process logs go to --log-dir. The exit status is 0 only
+if the run wrote all its results; otherwise the last line says why.
 
     .venv/bin/python scripts/deploy_local.py --num-nodes 3
     .venv/bin/python scripts/deploy_local.py --tls --auth --run-config "num-server-rounds=3"
@@ -19,8 +21,17 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from fedbat_flwr.deploy import Interrupted, LocalDeployment, deploy_and_run
-from fedbat_flwr.localrun import APP_DIR
+from fedbat_flwr.config import ConfigError
+from fedbat_flwr.deploy import LocalDeployment, deploy_and_run
+from fedbat_flwr.localrun import (
+    APP_DIR,
+    Interrupted,
+    app_config_defaults,
+    failure_reason,
+    mark_failed,
+    plan_run,
+)
+from fedbat_flwr.preflight import preflight
 
 # A short run: a few hundred examples a client, so that it finishes in minutes on 2 CPU cores.
 SHORT_RUN = {
@@ -57,8 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     folder = APP_DIR / "outputs" / f"deploy-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     log_dir = (args.log_dir or folder / "logs").resolve()
-    run_config = {**SHORT_RUN, "output-dir": str(folder)}
-    run_config.update(parse_config_args([args.run_config]))
+    try:
+        known = app_config_defaults()
+        overrides = {**SHORT_RUN, "output-dir": str(folder)}
+        overrides.update(parse_config_args([args.run_config]))
+        run_config, run_dir = plan_run(overrides, known)
+        config = preflight(run_config, known, num_nodes=args.num_nodes)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     deployment = LocalDeployment(
         args.num_nodes,
         log_dir=log_dir,
@@ -68,15 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"[deploy] logs in {log_dir}", flush=True)
     try:
-        code = deploy_and_run(
+        code, status = deploy_and_run(
             deployment, run_config, on_line=lambda s: print(s, flush=True), timeout=args.timeout
         )
     except Interrupted as exc:
-        print(f"[deploy] {exc}: stopped every process started", file=sys.stderr)
+        reason = f"interrupted ({exc}); every process started is stopped"
+        mark_failed(run_dir, reason)
+        print(f"error: {reason} (logs: {log_dir})", file=sys.stderr)
         return 130
-    print(f"[deploy] flwr run exited with {code}; results under {run_config['output-dir']}")
+    except (TimeoutError, RuntimeError) as exc:  # SuperLink or SuperNodes did not come up
+        print(f"error: {exc} (logs: {log_dir})", file=sys.stderr)
+        return 1
+    reason = failure_reason(run_dir, config.num_server_rounds, code, status)
+    if reason is not None:
+        mark_failed(run_dir, reason)
+        print(f"error: {reason} (logs: {log_dir})", file=sys.stderr)
+        return 1
     print(f"[deploy] logs in {log_dir}; every process started is stopped")
-    return code
+    print(f"results in {run_dir}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+"""Start-up checks: everything about a run that can be known before round 1.
+
+The ServerApp runs `check_startup` before it builds anything, so a bad method option, a data-dir
+without data or an output-dir that cannot be written stops the run before round 1 even through
+plain `flwr run`, and no results folder is made. The local runners (scripts/run_local.sh,
+scripts/deploy_local.py, fedbat-sweep) run `preflight` before they start Flower: it adds what
+only they know (the keys typed on the command line, the number of SuperNodes) and fails in
+seconds instead of after Flower's start-up. Every error is a ConfigError naming the run-config
+key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig, check_keys
+from .results import CheckpointError, check_resumable, holds_results, load_checkpoint
+
+NODE_WAIT_KEY = "node-wait-timeout"
+NODE_WAIT_DEFAULT = 60.0  # seconds; pyproject.toml holds the same default
+
+
+def preflight(
+    overrides: Mapping[str, Any], known: Mapping[str, Any], *, num_nodes: int | None
+) -> RunConfig:
+    """The run config `overrides` + the app's defaults `known`, checked as far as possible."""
+    check_keys(overrides, known)
+    config = RunConfig.from_flower({**known, **overrides})
+    check_startup(config, num_nodes=num_nodes)
+    return config
+
+
+def check_startup(config: RunConfig, *, num_nodes: int | None = None) -> None:
+    """What the ServerApp checks before round 1 (`num_nodes` only when it is known)."""
+    check_method(config)
+    check_data(config, num_partitions=num_nodes or 1)
+    check_output(config)
+    node_wait_timeout(config)
+    if num_nodes is not None:
+        check_nodes(config, num_nodes)
+
+
+def check_nodes(config: RunConfig, num_nodes: int) -> None:
+    """Flower would wait for min-train-nodes SuperNodes; with fewer it would wait forever."""
+    if config.min_train_nodes > num_nodes:
+        raise ConfigError(
+            f"run-config 'min-train-nodes' = {config.min_train_nodes} needs that many "
+            f"SuperNodes, but the federation has {num_nodes}; allowed: [1, {num_nodes}] "
+            "(or start more SuperNodes)"
+        )
+
+
+def check_method(config: RunConfig) -> None:
+    """Instantiate the method, which checks every option it reads, and its aggregator's name."""
+    from .methods import get_method  # torch: only once the cheap checks passed
+    from .strategy import AGGREGATORS, SIGN_AGGREGATORS
+    from .wire import SIGN_KINDS
+
+    try:
+        method = get_method(config.method)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    method(config)
+    aggregator = method.aggregator(config)
+    allowed = [*AGGREGATORS, *SIGN_AGGREGATORS]
+    if aggregator not in allowed:
+        names = ", ".join(repr(a) for a in allowed)
+        raise ConfigError(
+            f"run-config 'aggregator' = {aggregator!r} is not allowed; allowed: {names}"
+        )
+    if aggregator in SIGN_AGGREGATORS and method.payload_kind not in SIGN_KINDS:
+        raise ConfigError(
+            f"run-config 'aggregator' = {aggregator!r} votes on sign payloads and method "
+            f"{config.method!r} sends {method.payload_kind!r}; allowed: "
+            + ", ".join(repr(a) for a in AGGREGATORS)
+        )
+
+
+def check_data(config: RunConfig, *, num_partitions: int) -> None:
+    """Data keys against the data set (its number of classes) and data-dir against the disk.
+
+    Only where the data comes from is checked, nothing is loaded: a Hub data set is found (or
+    not) when the run loads it.
+    """
+    from .data import DataUnavailableError, _resolve_source, dataset_info
+    from .task import data_config
+
+    num_classes = dataset_info(config.dataset).num_classes
+    if config.labels_per_client > num_classes:
+        raise ConfigError(
+            f"run-config 'labels-per-client' = {config.labels_per_client} is more than "
+            f"dataset {config.dataset!r} has; allowed: [1, {num_classes}]"
+        )
+    if config.seed < 0:
+        raise ConfigError(f"run-config 'seed' = {config.seed} is out of range; allowed: >= 0")
+    try:
+        data_config(config, num_partitions)
+        _resolve_source(config.dataset, config.data_dir or None)
+    except DataUnavailableError as exc:
+        raise ConfigError(f"run-config {exc}") from None
+    except ValueError as exc:  # DataConfig's own checks; the ones above come first
+        raise ConfigError(f"run-config: {exc}") from None
+
+
+def check_output(config: RunConfig) -> None:
+    """output-dir can be written; run-name holds no earlier run; resume-from can be resumed."""
+    if config.resume_from:
+        run_dir = Path(config.resume_from).expanduser()
+        try:
+            check_resumable(load_checkpoint(run_dir), config.to_flower(), run_dir)
+        except CheckpointError as exc:
+            raise ConfigError(f"run-config 'resume-from' = {config.resume_from!r}: {exc}") from None
+        _check_writable("resume-from", config.resume_from, run_dir)
+        return
+    output_dir = Path(config.output_dir).expanduser()
+    _check_writable("output-dir", config.output_dir, output_dir)
+    name = config.run_name
+    if not name:
+        return
+    if "/" in name or name in (".", ".."):
+        raise ConfigError(
+            f"run-config 'run-name' = {name!r} is not allowed; allowed: a folder name "
+            "(no '/'), made inside output-dir"
+        )
+    run_dir = output_dir / name
+    if holds_results(run_dir):
+        raise ConfigError(
+            f"run-config 'run-name' = {name!r}: {run_dir.resolve()} already holds a run's "
+            "results; choose another run-name, leave it empty for a new timestamped one, or "
+            f"continue that run with resume-from='{run_dir.resolve()}'"
+        )
+
+
+def _check_writable(key: str, value: str, folder: Path) -> None:
+    """Create `folder` if needed and check a file can be made in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"run-config '{key}' = {value!r} cannot be created ({exc.strerror}); allowed: a "
+            "folder this user can write"
+        ) from None
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"run-config '{key}' = {value!r} is not a writable folder; allowed: a folder this "
+            "user can write"
+        )
+
+
+def node_wait_timeout(config: RunConfig) -> float:
+    """`node-wait-timeout`: seconds the ServerApp waits for min-train-nodes SuperNodes."""
+    value = float(config.get(NODE_WAIT_KEY, NODE_WAIT_DEFAULT))
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(
+            f"run-config '{NODE_WAIT_KEY}' = {value!r} is out of range; allowed: (0, inf)"
+        )
+    return value
+
+
+def wait_for_nodes(
+    count_nodes: Callable[[], int],
+    required: int,
+    timeout: float,
+    *,
+    poll: float = 1.0,
+) -> None:
+    """Return once `count_nodes()` reaches `required`; fail after `timeout` seconds.
+
+    Flower's strategies wait for `min_available_nodes` forever; a run that cannot get its
+    SuperNodes should stop and say so instead.
+    """
+    deadline = time.monotonic() + timeout
+    while (connected := count_nodes()) < required:
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"run-config 'min-train-nodes' = {required}: only {connected} SuperNode(s) "
+                f"connected within {timeout:g} s ({NODE_WAIT_KEY}); start more SuperNodes "
+                "or lower min-train-nodes"
+            )
+        time.sleep(poll)
