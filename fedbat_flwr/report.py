@@ -519,3 +519,192 @@ def write_report(
         write_csv(stats, out_dir / "table.csv", labels, paper),
     ]
     return written + write_plots(runs, out_dir, title=title, labels=labels)
+
+
+# --- fedbat-report: one or several run folders side by side ---------------------------------
+
+
+class RunDirError(ValueError):
+    """A folder given to fedbat-report / fedbat-eval is not a run's results."""
+
+
+@dataclass(frozen=True)
+class RunView:
+    """One run folder as fedbat-report shows it: label, rows, summary (None while unfinished)."""
+
+    label: str
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    config: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        if self.summary is not None:
+            return "finished"
+        failed = self.run_dir / "FAILED"
+        return f"failed: {failed.read_text().strip()}" if failed.exists() else "unfinished"
+
+
+def load_run_view(run_dir: Path) -> RunView:
+    """A run folder with at least one round (metrics.jsonl); summary.json when it finished."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is not a folder")
+    rows = read_metrics(run_dir)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    if not rows and summary is None:
+        failed = run_dir / "FAILED"
+        why = f" (it failed: {failed.read_text().strip()})" if failed.exists() else ""
+        raise RunDirError(
+            f"{run_dir} holds no results{why}; a run folder has metrics.jsonl after round 1 "
+            "and summary.json at the end"
+        )
+    config = dict((summary or {}).get("config") or {})
+    return RunView(run_dir.name, run_dir, rows, summary, config)
+
+
+def _labels_unique(views: Sequence[RunView]) -> list[RunView]:
+    """Folder names, made unique with their parent's name when two runs share one."""
+    names = [v.label for v in views]
+    return [
+        RunView(f"{v.run_dir.parent.name}/{v.label}", v.run_dir, v.rows, v.summary, v.config)
+        if names.count(v.label) > 1
+        else v
+        for v in views
+    ]
+
+
+TABLE_KEYS = ("method", "dataset", "partitioner", "aggregator", "num-server-rounds")
+UNCOMPARED_KEYS = ("output-dir", "run-name", "resume-from")  # differ between any two runs
+
+
+def comparison_table(views: Sequence[RunView]) -> str:
+    """Markdown: a column per run; figures first, then every config key whose value differs."""
+    evaluated = [[r for r in v.rows if r.get("test_accuracy") is not None] for v in views]
+    lines: list[tuple[str, list[str]]] = [
+        ("status", [v.status for v in views]),
+        *((key, [str(v.config.get(key, "–")) for v in views]) for key in TABLE_KEYS),
+        ("rounds done", [str(len(v.rows)) for v in views]),
+        ("final accuracy (%)", [_pct(_last_acc(e)) for e in evaluated]),
+        ("best accuracy (%)", [_pct(_best_acc(e)) for e in evaluated]),
+        (
+            f"mean of last {LAST_K} evaluated (%)",
+            [_pct(_mean([r["test_accuracy"] for r in e[-LAST_K:]])) for e in evaluated],
+        ),
+        ("uplink MB", [f"{_sum_mb(v, 'uplink_bytes'):.2f}" for v in views]),
+        ("downlink MB", [f"{_sum_mb(v, 'downlink_bytes'):.2f}" for v in views]),
+        ("uplink bit/param", [_fmt(_mean_bits_of(v), 3) for v in views]),
+        ("wall time (s)", [_seconds(v) for v in views]),
+    ]
+    keys = sorted({k for v in views for k in v.config} - {*TABLE_KEYS, *UNCOMPARED_KEYS})
+    differing = [k for k in keys if len({repr(v.config.get(k)) for v in views}) > 1]
+    lines += [(k, [str(v.config.get(k, "–")) for v in views]) for k in differing]
+    header = _md_header(["", *(v.label for v in views)])
+    return "\n".join([*header, *(_md_row([name, *cells]) for name, cells in lines)])
+
+
+def _last_acc(evaluated: list[dict[str, Any]]) -> float:
+    return float(evaluated[-1]["test_accuracy"]) if evaluated else float("nan")
+
+
+def _best_acc(evaluated: list[dict[str, Any]]) -> float:
+    return max((float(r["test_accuracy"]) for r in evaluated), default=float("nan"))
+
+
+def _mean_bits_of(view: RunView) -> float:
+    return _mean(r.get("uplink_bits_per_param") for r in view.rows)
+
+
+def _sum_mb(view: RunView, key: str) -> float:
+    return sum(float(r[key]) for r in view.rows) / MB
+
+
+def _seconds(view: RunView) -> str:
+    seconds = (view.summary or {}).get("wall_seconds")
+    if seconds is None:
+        seconds = sum(float(r.get("round_seconds") or 0.0) for r in view.rows)
+    return f"{float(seconds):.0f}"
+
+
+RUN_AXES = (
+    XAxis("round", "round", "round"),
+    XAxis("traffic_mb", "cumulative uplink + downlink (MB, log scale)", "traffic", log=True),
+)
+
+
+def run_curve(view: RunView) -> dict[str, np.ndarray]:
+    """Per evaluated round: round, cumulative uplink + downlink MB, accuracy in %."""
+    traffic = np.cumsum([r["uplink_bytes"] + r["downlink_bytes"] for r in view.rows]) / MB
+    points = [
+        (r["round"], mb, 100 * r["test_accuracy"])
+        for r, mb in zip(view.rows, traffic, strict=True)
+        if r.get("test_accuracy") is not None
+    ]
+    array = np.array(points, dtype=float).reshape(-1, 3)
+    return {"round": array[:, 0], "traffic_mb": array[:, 1], "accuracy": array[:, 2]}
+
+
+def write_run_plots(views: Sequence[RunView], out_dir: Path) -> list[Path]:
+    """accuracy_vs_round.png and accuracy_vs_traffic.png, one line per run."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves_by_run = [(v.label, run_curve(v)) for v in views]
+    written = []
+    for axis in RUN_AXES:
+        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+        ax = fig.subplots()
+        for label, curve in curves_by_run:
+            style = "o-" if len(curve["round"]) <= 20 else "-"
+            ax.plot(curve[axis.field], curve["accuracy"], style, markersize=3, label=label)
+        if axis.log:
+            ax.set_xscale("log")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(axis.label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+        ax.set_title(f"test accuracy vs {axis.name}")
+        path = out_dir / f"accuracy_vs_{axis.name}.png"
+        fig.savefig(path, dpi=110)
+        written.append(path)
+    return written
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    """fedbat-report RUN_DIR [RUN_DIR ...]: a side-by-side table on the console, two plots."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="fedbat-report",
+        description="Compare run folders: accuracy vs round and vs uplink+downlink bytes "
+        "(PNG) and a side-by-side table (printed).",
+    )
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="folder for the plots and table.md (default: the run folder for one run, "
+        "<first run's parent>/report for several)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        views = _labels_unique([load_run_view(d) for d in args.run_dirs])
+    except RunDirError as exc:
+        print(f"fedbat-report: {exc}", file=sys.stderr)
+        return 2
+    out_dir = args.output or (
+        args.run_dirs[0] if len(views) == 1 else args.run_dirs[0].resolve().parent / "report"
+    )
+    table = comparison_table(views)
+    print(table)
+    written = write_run_plots(views, out_dir)
+    (out_dir / "table.md").write_text(table + "\n")
+    for path in [*written, out_dir / "table.md"]:
+        print(f"wrote {path}")
+    return 0

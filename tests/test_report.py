@@ -1,0 +1,110 @@
+"""fedbat-report (runs side by side: table + plots) and fedbat-eval (score model.npz), on tiny
+run folders written through the results contract; no training, no Flower."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomllib
+import torch
+
+from fedbat_flwr import evaluate_run
+from fedbat_flwr.config import RunConfig
+from fedbat_flwr.data import load_test_set
+from fedbat_flwr.localrun import APP_DIR
+from fedbat_flwr.report import report_main
+from fedbat_flwr.results import FAILED_FILE, RunRecorder
+from fedbat_flwr.task import build_model_for, data_config, load_state, state_arrays
+from fedbat_flwr.training import evaluate
+
+
+def write_run(
+    run_dir: Path,
+    accuracies: list[float | None],
+    config: dict,
+    *,
+    uplink: int = 1000,
+    finish: bool = True,
+    arrays: dict[str, np.ndarray] | None = None,
+) -> None:
+    recorder = RunRecorder(run_dir, config["method"], config, num_params=10, num_rounds=3)
+    for i, acc in enumerate(accuracies, 1):
+        row = {
+            "round": i, "method": config["method"], "test_accuracy": acc, "test_loss": 1.0,
+            "uplink_bytes": uplink, "uplink_bits_per_param": 1.0, "downlink_bytes": 4 * uplink,
+            "downlink_bits_per_param": 32.0, "num_replies": 2, "num_rejected": 0,
+            "round_seconds": 0.5,
+        }  # fmt: skip
+        recorder.add_round(row)
+    if finish:
+        recorder.finish(arrays or {"w": np.zeros(3, np.float32)})
+
+
+def test_report_prints_runs_side_by_side_and_draws_both_plots(tmp_path: Path, capsys):
+    base = {"dataset": "fashion_mnist", "partitioner": "iid", "lr": 0.1}
+    write_run(tmp_path / "a", [0.2, None, 0.6], {**base, "method": "fedbat"})
+    fedavg = {**base, "method": "fedavg", "lr": 0.05}
+    write_run(tmp_path / "b", [0.3, 0.5, 0.7], fedavg, uplink=32000)
+    out = tmp_path / "report"
+    capsys.readouterr()  # the recorder's progress lines
+    assert report_main([str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split("|")[2:4] == [" a ", " b "]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in lines if "|" in line}
+    assert [c.strip() for c in rows["method"]] == ["fedbat", "fedavg"]
+    assert [c.strip() for c in rows["final accuracy (%)"]] == ["60.0", "70.0"]
+    assert [c.strip() for c in rows["best accuracy (%)"]] == ["60.0", "70.0"]
+    assert [c.strip() for c in rows["uplink MB"]] == ["0.00", "0.10"]
+    assert [c.strip() for c in rows["lr"]] == ["0.1", "0.05"], "differing keys are listed"
+    assert "dataset" in rows and "seed" not in rows, "equal keys beyond the main ones are not"
+    for name in ("accuracy_vs_round.png", "accuracy_vs_traffic.png", "table.md"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_report_of_one_run_writes_into_it_and_shows_an_unfinished_run(tmp_path: Path, capsys):
+    write_run(tmp_path / "r", [0.2, 0.4], {"method": "fedbat"}, finish=False)
+    capsys.readouterr()
+    assert report_main([str(tmp_path / "r")]) == 0
+    assert "| status | unfinished |" in capsys.readouterr().out
+    assert (tmp_path / "r" / "accuracy_vs_round.png").exists()
+
+
+def test_report_refuses_a_folder_without_results_and_says_why(tmp_path: Path, capsys):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / FAILED_FILE).write_text("run-config 'lr' = 0.0 is out of range\n")
+    assert report_main([str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no results" in err and "'lr' = 0.0" in err
+
+
+def test_eval_scores_model_npz_like_the_server(tmp_path: Path, capsys):
+    config = RunConfig.from_flower({"max-test-examples": 64, "seed": 3})
+    model = build_model_for(config)
+    write_run(tmp_path / "run", [0.1], config.to_flower(), arrays=state_arrays(model))
+    capsys.readouterr()
+    assert evaluate_run.main([str(tmp_path / "run"), "--max-test-examples", "64", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    test = load_test_set(data_config(config, 1), max_examples=64)
+    same = build_model_for(config.replace(seed=0))  # other weights, then the saved ones
+    load_state(same, state_arrays(model))
+    loss, accuracy = evaluate(same, test.x, test.y, batch_size=64, device=torch.device("cpu"))
+    assert result["num_examples"] == 64
+    assert result["test_accuracy"] == pytest.approx(accuracy)
+    assert result["test_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_eval_says_what_is_missing(tmp_path: Path, capsys):
+    write_run(tmp_path / "run", [0.1], {"method": "fedbat"}, finish=False)
+    assert evaluate_run.main([str(tmp_path / "run")]) == 2
+    assert "no summary.json" in capsys.readouterr().err
+
+
+def test_console_scripts_point_at_the_commands():
+    scripts = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["project"]["scripts"]
+    for name in ("fedbat-report", "fedbat-eval", "fedbat-sweep"):
+        module, _, func = scripts[name].partition(":")
+        assert callable(getattr(importlib.import_module(module), func))
