@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import time
 import traceback
@@ -52,12 +53,24 @@ def main() -> int:
     return 0 if all(f["pass"] for f in figures) else 1
 
 
+def cpu_name() -> str:
+    """The CPU model, so results say what they ran on (platform.processor() is often empty)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def write_results(figures: list[dict]) -> None:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{platform.node()} ({cpu_name()}, {os.cpu_count()} cores)"
     lines = [
         "# Benchmark results",
         "",
-        f"`python -m benchmarks` on {platform.node()} ({platform.processor() or 'cpu'}), {stamp}.",
+        f"`python -m benchmarks` on {machine}, {stamp}.",
         "Ratios are measured in the same run against their reference.",
         "",
         "| figure | value | unit | goal | pass |",
