@@ -308,13 +308,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@contextmanager
-def local_superlink(**kwargs: int) -> Iterator[LocalSuperLink]:
-    link = LocalSuperLink(**kwargs)
-    with link:
-        yield link
-
-
 # -- stopping on signals ---------------------------------------------------------------------
 class Interrupted(Exception):
     """SIGINT or SIGTERM arrived: unwind, so that `finally` blocks stop what we started."""

@@ -8,7 +8,7 @@ payload kind's codec in `fedbat_flwr.wire`. Adding a method therefore edits no o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -123,9 +123,6 @@ def get_method(name: str) -> type[Method]:
     except KeyError:
         allowed = ", ".join(repr(n) for n in method_names())
         raise ValueError(f"run-config 'method' = {name!r} is unknown; allowed: {allowed}") from None
-
-
-MethodFactory = Callable[[RunConfig], Method]
 
 
 def client_task(

@@ -10,7 +10,6 @@ from fedbat_flwr.training.loop import (
     prepare_model,
     recompute_batchnorm_statistics,
     run_sgd,
-    seed_everything,
 )
 from fedbat_flwr.training.models import CNN4, MODEL_NAMES, ResNet10, build_model
 from fedbat_flwr.training.parametrize import (
@@ -42,7 +41,6 @@ __all__ = [
     "prepare_model",
     "recompute_batchnorm_statistics",
     "run_sgd",
-    "seed_everything",
     "switch_step",
     "train_fedbat",
 ]
