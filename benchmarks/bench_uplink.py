@@ -37,7 +37,8 @@ ORDER = ("fedavg", "fedbat", "signsgd", "ef-signsgd", "noisy-signsgd", "stoc-sig
 
 
 def variants() -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """(row label, method, method-specific keys): every method; FedPAQ at 4 and 3 bits."""
+    """(row label, method, run-config keys): every method; FedPAQ at 4 and 3 bits, FedBAT with
+    each bn-payload."""
     names = method_names()
     for name in [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]:
         if name == "fedpaq":
@@ -45,12 +46,15 @@ def variants() -> Iterator[tuple[str, str, dict[str, Any]]]:
             yield "fedpaq (3-bit)", name, {"quant-bits": 3}
         else:
             yield name, name, {}
+        if name == "fedbat":  # BatchNorm as float updates (run-config bn-payload)
+            yield "fedbat (bn-payload float16)", name, {"bn-payload": "float16"}
+            yield "fedbat (bn-payload float32)", name, {"bn-payload": "float32"}
 
 
 def uplink_bits_per_param(method: str, model_label: str, extra: dict[str, Any]) -> float:
     """Train ``method`` for one step and measure its reply's serialized size."""
     base, shape = MODELS[model_label]
-    config = base.replace(method=method, extra=extra)
+    config = RunConfig.from_flower({**base.to_flower(), **extra, "method": method})
     gen = torch.Generator().manual_seed(0)
     instance = get_method(method)(config)
     model = build_model_for(config)
