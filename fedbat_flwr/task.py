@@ -17,17 +17,22 @@ from .wire import ModelSpec
 
 
 def build_model_for(config: RunConfig) -> nn.Module:
-    """The paper's model for the configured data set, initialised from the run's seed."""
+    """The paper's model for the configured data set, initialised from the run's seed.
+
+    The weights are drawn from torch's CPU generator seeded inside `fork_rng`, so building a
+    model gives the same weights for a seed and leaves the caller's global RNG as it was.
+    """
     info = dataset_info(config.dataset)
-    torch.manual_seed(config.seed)
     width = config.resnet_width
-    return build_model(
-        config.model_name,
-        in_channels=info.channels,
-        num_classes=info.num_classes,
-        image_size=info.image_size,
-        resnet_widths=(width, 2 * width, 4 * width, 8 * width),
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(config.seed)
+        return build_model(
+            config.model_name,
+            in_channels=info.channels,
+            num_classes=info.num_classes,
+            image_size=info.image_size,
+            resnet_widths=(width, 2 * width, 4 * width, 8 * width),
+        )
 
 
 def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:
