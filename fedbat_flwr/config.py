@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "svhn")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "svhn", "custom")  # custom: data-dir
 PARTITIONERS = ("iid", "dirichlet", "shard")
 MODELS = ("auto", "cnn4", "resnet10")
 NUM_EXAMPLES_POLICIES = ("cap", "reject")
@@ -65,7 +65,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("partitioner", self.partitioner, PARTITIONERS)
-        _check_choice("model", self.model, MODELS)
+        if ":" not in self.model:  # else a user's "package.module:build_fn" (task.py builds it)
+            _check_choice("model", self.model, MODELS)
         _check_choice("resnet-width", self.resnet_width, (32, 64))
         for key in ("num_server_rounds", "local_epochs", "batch_size", "eval_every"):
             _check_range(key, getattr(self, key), lo=1)

@@ -6,6 +6,10 @@ Where a dataset comes from, first match wins:
   or not, or a ``datasets.DatasetDict`` saved with ``save_to_disk``; (2) the Debian package
   ``dataset-fashion-mnist`` (:data:`DEBIAN_FMNIST_DIR`); (3) the Hugging Face Hub.
 - CIFAR-10, CIFAR-100, SVHN: (1) ``data_dir`` with a ``save_to_disk`` folder; (2) the Hub.
+- ``custom``: ``data_dir`` with a user's ``save_to_disk`` folder (train and test splits) of any
+  image-classification data set; its column names are ``image_column`` / ``label_column``
+  (run config ``image-column`` / ``label-column``); channels, square image size, number of
+  classes and the normalisation are read from the data (:func:`source_info`).
 
 Every source becomes two ``datasets.Dataset`` (train, test) with columns ``image`` and
 ``label``, and a flwr-datasets partitioner splits the train set: ``iid`` (IidPartitioner after a
@@ -48,6 +52,9 @@ IDX_FILES: dict[str, str] = {
 }
 
 PARTITIONERS = ("iid", "dirichlet", "shard")
+CUSTOM = "custom"  # a user's save_to_disk folder; its DatasetInfo is read from the data
+# Examples the custom data set's per-channel mean and std are estimated from.
+CUSTOM_STATS_EXAMPLES = 2000
 
 # Smallest Dirichlet partition: BatchNorm in train mode needs 2 examples, and a larger floor
 # makes flwr-datasets resample (and give up after 10 tries) far more often at small alpha.
@@ -138,7 +145,8 @@ def dataset_info(name: str) -> DatasetInfo:
     """Look a dataset up by name; an unknown name is an error listing the known ones."""
     info = DATASETS.get(name) if isinstance(name, str) else None
     if info is None:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+        allowed = ", ".join([*DATASETS, CUSTOM])
+        raise ValueError(f"unknown dataset {name!r}; allowed: {allowed}")
     return info
 
 
@@ -165,9 +173,12 @@ class DataConfig:
     seed: int = 42
     data_dir: str | None = None
     max_examples_per_client: int | None = None
+    image_column: str = ""  # "" = the data set's own (custom: "image")
+    label_column: str = ""  # "" = the data set's own (custom: "label")
 
     def __post_init__(self) -> None:
-        info = dataset_info(self.dataset)
+        # A custom data set's classes are known once it is read (run-config checks do that).
+        classes = None if self.dataset == CUSTOM else dataset_info(self.dataset).num_classes
         if self.partitioner not in PARTITIONERS:
             raise ValueError(
                 f"DataConfig.partitioner={self.partitioner!r} is invalid; "
@@ -179,7 +190,7 @@ class DataConfig:
             raise ValueError(
                 f"DataConfig.dirichlet_alpha={alpha!r} is invalid; allowed: a number > 0"
             )
-        _check_int("labels_per_client", self.labels_per_client, low=1, high=info.num_classes)
+        _check_int("labels_per_client", self.labels_per_client, low=1, high=classes)
         _check_int("seed", self.seed, low=0)
         if self.data_dir == "":  # a run config cannot hold None; "" means "not set"
             object.__setattr__(self, "data_dir", None)
@@ -298,14 +309,18 @@ class _Source:
     dataset: str
     kind: Literal["idx", "disk", "hub"]
     path: str | None = None
+    image_column: str = ""
+    label_column: str = ""
 
 
-def _resolve_source(name: str, data_dir: str | None) -> _Source:
+def _resolve_source(
+    name: str, data_dir: str | None, columns: tuple[str, str] = ("", "")
+) -> _Source:
     """Pick the first available source: data_dir, then Debian's IDX files, then the Hub."""
     if data_dir is not None:
         folder = Path(data_dir).expanduser()
         if (folder / "dataset_dict.json").is_file():
-            return _Source(name, "disk", str(folder))
+            return _Source(name, "disk", str(folder), *columns)
         if name != "fashion_mnist":
             raise DataUnavailableError(
                 f"data-dir {str(folder)!r} holds no {name} dataset: expected a folder written "
@@ -319,9 +334,14 @@ def _resolve_source(name: str, data_dir: str | None) -> _Source:
                 f"{', '.join(missing)}; or give a folder written by DatasetDict.save_to_disk"
             )
         return _Source(name, "idx", str(folder))
+    if name == CUSTOM:
+        raise DataUnavailableError(
+            "dataset 'custom' needs data-dir: a folder written by "
+            "datasets.DatasetDict.save_to_disk with train and test splits"
+        )
     if name == "fashion_mnist" and not _find_idx_files(DEBIAN_FMNIST_DIR)[1]:
         return _Source(name, "idx", str(DEBIAN_FMNIST_DIR))
-    return _Source(name, "hub")
+    return _Source(name, "hub", None, *columns)
 
 
 def _unavailable_message(info: DatasetInfo, error: Exception) -> str:
@@ -373,10 +393,65 @@ def _standardise(
     return ds
 
 
+@functools.lru_cache(maxsize=8)
+def source_info(source: _Source) -> DatasetInfo:
+    """What the data of `source` looks like: a built-in data set's table entry (with the
+    configured column names), or for ``custom`` what its save_to_disk folder holds."""
+    if source.dataset != CUSTOM:
+        info = dataset_info(source.dataset)
+        return replace(
+            info,
+            image_column=source.image_column or info.image_column,
+            label_column=source.label_column or info.label_column,
+        )
+    return _custom_info(source)
+
+
+def _custom_info(source: _Source) -> DatasetInfo:
+    """Channels, square image size, classes, mean and std of a user's save_to_disk folder."""
+    splits = datasets.load_from_disk(str(source.path))
+    where = f"data-dir {source.path!r}"
+    image_column, label_column = source.image_column or "image", source.label_column or "label"
+    if "train" not in splits or "test" not in splits:
+        raise DataFormatError(f"{where} has splits {list(splits)}; needs 'train' and 'test'")
+    train = splits["train"]
+    for key, column in (("image-column", image_column), ("label-column", label_column)):
+        if column not in train.column_names:
+            raise DataFormatError(
+                f"run-config '{key}' = {column!r} is not a column of {where}; it has "
+                f"{train.column_names}"
+            )
+    first = np.asarray(train[0][image_column])
+    feature = train.features[image_column]
+    if isinstance(feature, datasets.Image):  # PIL: H x W (mode L) or H x W x C
+        channels = 1 if first.ndim == 2 else 3
+        height, width = first.shape[:2]
+    else:  # nested lists: H x W or C x H x W
+        channels = 1 if first.ndim == 2 else first.shape[0]
+        height, width = first.shape[-2:]
+    if height != width:
+        raise DataFormatError(f"{where}: images are {height} x {width}; allowed: square images")
+    labels = train.features[label_column]
+    if isinstance(labels, datasets.ClassLabel):
+        num_classes = labels.num_classes
+    else:
+        num_classes = 1 + max(max(split[label_column]) for split in (train, splits["test"]))
+    info = DatasetInfo(
+        CUSTOM, "", image_column, label_column, channels, height, num_classes,
+        mean=(0.0,) * channels, std=(1.0,) * channels,
+    )  # fmt: skip
+    sample = _standardise(splits, "train", info, where)
+    sample = sample.select(range(min(CUSTOM_STATS_EXAMPLES, len(sample))))
+    images = _to_arrays(sample, info)[0].astype(np.float64) / 255.0
+    mean = images.mean(axis=(0, 2, 3))
+    std = np.maximum(images.std(axis=(0, 2, 3)), 1e-6)
+    return replace(info, mean=tuple(map(float, mean)), std=tuple(map(float, std)))
+
+
 @functools.lru_cache(maxsize=4)
 def _load_splits(source: _Source) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Load (train, test) once per process and source; every client of the process shares it."""
-    info = dataset_info(source.dataset)
+    info = source_info(source)
     if source.kind == "idx":
         files, missing = _find_idx_files(Path(str(source.path)))
         if missing:  # removed since the source was resolved
@@ -501,12 +576,12 @@ def load_partition(cfg: DataConfig, partition_id: int) -> TensorData:
 
 @functools.lru_cache(maxsize=128)
 def _load_partition(cfg: DataConfig, partition_id: int) -> TensorData:
-    source = _resolve_source(cfg.dataset, cfg.data_dir)
+    source = _source(cfg)
     partitioner = _partitioner(replace(cfg, max_examples_per_client=None), source)
     part = partitioner.load_partition(partition_id)
     if cfg.max_examples_per_client is not None:
         part = part.select(range(min(cfg.max_examples_per_client, len(part))))
-    return _to_tensors(part, dataset_info(cfg.dataset))
+    return _to_tensors(part, source_info(source))
 
 
 @functools.lru_cache(maxsize=4)
@@ -515,7 +590,7 @@ def _test_set(source: _Source, max_examples: int | None) -> TensorData:
     if max_examples is not None and max_examples < len(test):
         order = np.random.default_rng(TEST_SUBSET_SEED).permutation(len(test))
         test = test.select(np.sort(order[:max_examples]))
-    return _to_tensors(test, dataset_info(source.dataset))
+    return _to_tensors(test, source_info(source))
 
 
 def load_test_set(cfg: DataConfig, max_examples: int | None = None) -> TensorData:
@@ -526,7 +601,16 @@ def load_test_set(cfg: DataConfig, max_examples: int | None = None) -> TensorDat
     """
     if max_examples is not None and (not _is_int(max_examples) or max_examples < 1):
         raise ValueError(f"max_examples={max_examples!r} is invalid; allowed: None or >= 1")
-    return _test_set(_resolve_source(cfg.dataset, cfg.data_dir), max_examples)
+    return _test_set(_source(cfg), max_examples)
+
+
+def _source(cfg: DataConfig) -> _Source:
+    return _resolve_source(cfg.dataset, cfg.data_dir, (cfg.image_column, cfg.label_column))
+
+
+def info_for(cfg: DataConfig) -> DatasetInfo:
+    """The data set of `cfg` as the models and the normalisation see it (custom: read once)."""
+    return source_info(_source(cfg))
 
 
 def class_counts(cfg: DataConfig, partition_id: int) -> dict[int, int]:
@@ -537,5 +621,5 @@ def class_counts(cfg: DataConfig, partition_id: int) -> dict[int, int]:
 
 def clear_caches() -> None:
     """Forget loaded splits, partitioners and tensors (tests; processes that switch data)."""
-    for cached in (_load_partition, _test_set, _partitioner, _load_splits):
+    for cached in (_load_partition, _test_set, _partitioner, _load_splits, source_info):
         cached.cache_clear()

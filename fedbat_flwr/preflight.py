@@ -38,6 +38,7 @@ def check_startup(config: RunConfig, *, num_nodes: int | None = None) -> None:
     """What the ServerApp checks before round 1 (`num_nodes` only when it is known)."""
     check_method(config)
     check_data(config, num_partitions=num_nodes or 1)
+    check_model(config)
     check_output(config)
     node_wait_timeout(config)
     if num_nodes is not None:
@@ -86,24 +87,40 @@ def check_data(config: RunConfig, *, num_partitions: int) -> None:
     Only where the data comes from is checked, nothing is loaded: a Hub data set is found (or
     not) when the run loads it.
     """
-    from .data import DataUnavailableError, _resolve_source, dataset_info
+    from .data import CUSTOM, DataFormatError, DataUnavailableError, dataset_info, info_for
     from .task import data_config
 
-    num_classes = dataset_info(config.dataset).num_classes
+    if config.seed < 0:
+        raise ConfigError(f"run-config 'seed' = {config.seed} is out of range; allowed: >= 0")
+    if config.dataset != CUSTOM:  # before DataConfig, whose message names its own field
+        _check_labels(config, dataset_info(config.dataset).num_classes)
+    try:
+        info = info_for(data_config(config, num_partitions))
+    except (DataUnavailableError, DataFormatError) as exc:
+        raise ConfigError(f"run-config {exc}") from None
+    except ValueError as exc:  # DataConfig's own checks
+        raise ConfigError(f"run-config: {exc}") from None
+    _check_labels(config, info.num_classes)
+
+
+def _check_labels(config: RunConfig, num_classes: int) -> None:
     if config.labels_per_client > num_classes:
         raise ConfigError(
             f"run-config 'labels-per-client' = {config.labels_per_client} is more than "
             f"dataset {config.dataset!r} has; allowed: [1, {num_classes}]"
         )
-    if config.seed < 0:
-        raise ConfigError(f"run-config 'seed' = {config.seed} is out of range; allowed: >= 0")
+
+
+def check_model(config: RunConfig) -> None:
+    """A user's `model='package.module:build_fn'` imports, builds and can be exchanged."""
+    if ":" not in config.model:
+        return
+    from .task import build_model_for
+
     try:
-        data_config(config, num_partitions)
-        _resolve_source(config.dataset, config.data_dir or None)
-    except DataUnavailableError as exc:
-        raise ConfigError(f"run-config {exc}") from None
-    except ValueError as exc:  # DataConfig's own checks; the ones above come first
-        raise ConfigError(f"run-config: {exc}") from None
+        build_model_for(config)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_output(config: RunConfig) -> None:

@@ -11,18 +11,19 @@ import torch
 from torch import nn
 
 from .config import RunConfig
-from .data import DataConfig, dataset_info
+from .data import DataConfig, info_for
 from .training import build_model
 from .wire import ModelSpec
 
 
 def build_model_for(config: RunConfig) -> nn.Module:
-    """The paper's model for the configured data set, initialised from the run's seed.
+    """The configured model (the paper's, or a user's "package.module:build_fn") for the
+    configured data set, initialised from the run's seed.
 
     The weights are drawn from torch's CPU generator seeded inside `fork_rng`, so building a
     model gives the same weights for a seed and leaves the caller's global RNG as it was.
     """
-    info = dataset_info(config.dataset)
+    info = info_for(data_config(config, num_partitions=1))
     width = config.resnet_width
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(config.seed)
@@ -71,6 +72,8 @@ def data_config(config: RunConfig, num_partitions: int) -> DataConfig:
         seed=config.seed,
         data_dir=config.data_dir or None,
         max_examples_per_client=config.max_examples_per_client or None,
+        image_column=config.get("image-column", ""),
+        label_column=config.get("label-column", ""),
     )
 
 

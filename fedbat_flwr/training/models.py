@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 from collections.abc import Sequence
 
@@ -101,9 +102,51 @@ def build_model(
     image_size: int,
     resnet_widths: Sequence[int] = (32, 64, 128, 256),
 ) -> nn.Module:
-    """Build a model by its run-config name ("cnn4" or "resnet10")."""
+    """Build a model by its run-config name: "cnn4", "resnet10" or "package.module:build_fn"."""
+    if ":" in name:
+        return build_user_model(
+            name, in_channels=in_channels, num_classes=num_classes, image_size=image_size
+        )
     if name == "cnn4":
         return CNN4(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     if name == "resnet10":
         return ResNet10(num_classes=num_classes, in_channels=in_channels, widths=resnet_widths)
-    raise ValueError(f"model={name!r} is not supported; allowed: {', '.join(MODEL_NAMES)}")
+    raise ValueError(
+        f"run-config 'model' = {name!r} is not allowed; allowed: {', '.join(MODEL_NAMES)} or "
+        "'package.module:build_fn'"
+    )
+
+
+def build_user_model(
+    spec: str, *, in_channels: int, num_classes: int, image_size: int
+) -> nn.Module:
+    """A user's model: `spec` = "package.module:build_fn", called with keyword arguments
+    in_channels, num_classes and image_size; it must return a torch.nn.Module.
+
+    Every method exchanges the model's floating-point state_dict entries and trains its
+    parameters, so any layer type works; floating-point buffers other than BatchNorm running
+    statistics have no update rule and are refused.
+    """
+    module_name, _, function_name = spec.partition(":")
+    prefix = f"run-config 'model' = {spec!r}"
+    try:
+        build_fn = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(
+            f"{prefix}: cannot load it ({type(exc).__name__}: {exc}); allowed: an importable "
+            "'package.module:build_fn' (installed, or a module inside the app folder)"
+        ) from None
+    model = build_fn(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{prefix} returned {type(model).__name__}; allowed: a torch.nn.Module")
+    buffers = [
+        name
+        for name, buffer in model.named_buffers()
+        if buffer.is_floating_point() and not name.endswith(("running_mean", "running_var"))
+    ]
+    if buffers:
+        raise ValueError(
+            f"{prefix} has floating-point buffers {buffers}; only parameters and BatchNorm "
+            "running statistics can be exchanged (make them parameters or non-float)"
+        )
+    return model
