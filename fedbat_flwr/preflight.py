@@ -11,6 +11,7 @@ key, the value and what is allowed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -18,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, check_keys
-from .results import CheckpointError, check_resumable, holds_results, load_checkpoint
+from .results import (
+    TENSORBOARD_KEY,
+    CheckpointError,
+    check_resumable,
+    holds_results,
+    load_checkpoint,
+)
 
 NODE_WAIT_KEY = "node-wait-timeout"
 NODE_WAIT_DEFAULT = 60.0  # seconds; pyproject.toml holds the same default
@@ -40,6 +47,7 @@ def check_startup(config: RunConfig, *, num_nodes: int | None = None) -> None:
     check_data(config, num_partitions=num_nodes or 1)
     check_model(config)
     check_output(config)
+    check_tracking(config)
     node_wait_timeout(config)
     if num_nodes is not None:
         check_nodes(config, num_nodes)
@@ -149,6 +157,16 @@ def check_output(config: RunConfig) -> None:
             f"run-config 'run-name' = {name!r}: {run_dir.resolve()} already holds a run's "
             "results; choose another run-name, leave it empty for a new timestamped one, or "
             f"continue that run with resume-from='{run_dir.resolve()}'"
+        )
+
+
+def check_tracking(config: RunConfig) -> None:
+    """`tensorboard = true` needs the optional extra installed where the ServerApp runs."""
+    wanted = config.get(TENSORBOARD_KEY, False)
+    if wanted and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            f"run-config '{TENSORBOARD_KEY}' = true needs the tensorboard package; install it "
+            'with pip install -e ".[tensorboard]" (or set it to false)'
         )
 
 

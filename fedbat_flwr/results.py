@@ -52,6 +52,9 @@ SUMMARY_KEYS = (
 RESULT_FILES = ("metrics.jsonl", "summary.json", "model.npz", "checkpoint.npz")
 # Written by the local runners next to log.txt when a run fails: the one-line reason.
 FAILED_FILE = "FAILED"
+# Run-config key: also write every round's numbers as TensorBoard scalars (optional extra).
+TENSORBOARD_KEY = "tensorboard"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def default_run_name(
@@ -198,6 +201,7 @@ class RunRecorder:
     initial: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     seconds_before: float = 0.0  # wall time of the run before it was resumed
+    scalars: TensorBoardScalars | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def continuing(
@@ -246,12 +250,17 @@ class RunRecorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if self.config.get(TENSORBOARD_KEY):
+            self.scalars = self.scalars or TensorBoardScalars(self.run_dir / TENSORBOARD_DIR)
+            self.scalars.add(row)
         print(progress_line(row, self.num_rounds), flush=True)
 
     def finish(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Write the final model and summary.json; return the summary."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_arrays(self.run_dir / "model.npz", arrays)
+        if self.scalars is not None:
+            self.scalars.close()
         summary = self.summary()
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
@@ -275,6 +284,27 @@ class RunRecorder:
             "total_rejected": sum(r["num_rejected"] for r in self.rows),
             "wall_seconds": self.wall_seconds,
         }
+
+
+class TensorBoardScalars:
+    """Every number of a metrics.jsonl row as a TensorBoard scalar at step = round, for people
+    who already track runs there (`pip install -e ".[tensorboard]"`; metrics.jsonl stays the
+    contract)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # only when a run asks for it
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        step = int(row["round"])
+        for key, value in row.items():
+            if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def progress_line(row: Mapping[str, Any], num_rounds: int) -> str:

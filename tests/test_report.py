@@ -108,3 +108,26 @@ def test_console_scripts_point_at_the_commands():
     for name in ("fedbat-report", "fedbat-eval", "fedbat-sweep"):
         module, _, func = scripts[name].partition(":")
         assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_tensorboard_scalars_follow_metrics_jsonl(tmp_path: Path):
+    pytest.importorskip("tensorboard")  # the optional extra: pip install -e ".[tensorboard]"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write_run(tmp_path / "run", [0.25, None, 0.75], {"method": "fedbat", "tensorboard": True})
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    accuracy = [(e.step, e.value) for e in events.Scalars("test_accuracy")]
+    assert accuracy == [(1, 0.25), (3, 0.75)], "unevaluated rounds have no point"
+    assert [e.value for e in events.Scalars("uplink_bytes")] == [1000, 1000, 1000]
+
+
+def test_tensorboard_off_writes_nothing_and_on_needs_the_package(tmp_path: Path, monkeypatch):
+    write_run(tmp_path / "run", [0.5], {"method": "fedbat"})
+    assert not (tmp_path / "run" / "tensorboard").exists()
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    from fedbat_flwr.config import ConfigError
+    from fedbat_flwr.preflight import check_tracking
+
+    with pytest.raises(ConfigError, match=r"'tensorboard' = true needs the tensorboard package"):
+        check_tracking(RunConfig.from_flower({"tensorboard": True}))
