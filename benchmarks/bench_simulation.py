@@ -25,7 +25,7 @@ from fedbat_flwr.task import (
     data_config,
     state_arrays,
 )
-from fedbat_flwr.training import default_device, evaluate, prepare_model
+from fedbat_flwr.training import default_device, evaluate, keep_freed_memory, prepare_model
 
 CLIENTS = 10
 ROUNDS = 3
@@ -39,6 +39,7 @@ RUN_CONFIG = {
 
 def pure_round_seconds(config: RunConfig) -> float:
     """One round's work without Flower: 10 clients in a loop, then the central evaluation."""
+    keep_freed_memory()  # as the ClientApp does at start-up
     device = default_device()
     model = build_model_for(config)
     global_state = state_arrays(model)

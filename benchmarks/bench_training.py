@@ -20,6 +20,7 @@ from fedbat_flwr.training import (
     ResNet10,
     TensorBatches,
     attach_binarized_updates,
+    keep_freed_memory,
     prepare_model,
     run_sgd,
 )
@@ -113,6 +114,7 @@ def run(num_threads: int | None = None) -> list[dict]:
 
 
 def _measure(threads: int) -> list[dict]:
+    keep_freed_memory()  # as the ClientApp does at start-up
     torch.manual_seed(0)
     # Other processes on a small machine stall OpenMP barriers: read the ratios with this in mind.
     load, cores = os.getloadavg()[0], os.cpu_count() or 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -13,11 +14,19 @@ from .methods import client_task, get_method
 from .records import arrays_to_record, payload_to_record, record_to_arrays, record_to_payload
 from .strategy import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from .task import build_model_for, data_config, load_state
-from .training import default_device, evaluate, prepare_model
+from .training import default_device, evaluate, keep_freed_memory, prepare_model
 
 STATE_KEY = "method-state"  # this client's method memory (EF residual, virtual bits, ...)
 
 app = ClientApp()
+
+
+@app.lifespan()
+def lifespan(context: Context) -> Iterator[None]:
+    """Process set-up before a message is handled: glibc keeps freed tensor memory for reuse
+    (`training.keep_freed_memory`; process-wide and set once, ~15 % of a CPU training step)."""
+    keep_freed_memory()
+    yield
 
 
 @app.train()

@@ -518,3 +518,23 @@ def test_freed_tensor_memory_is_reused_without_page_faults() -> None:
     for _ in range(20):
         torch.empty(2**20).fill_(1.0)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 200
+
+
+def test_the_clientapp_sets_the_allocator_before_any_handler(monkeypatch) -> None:
+    """keep_freed_memory is process-wide, so the ClientApp's lifespan calls it, not run_sgd.
+    A message no handler takes still enters the lifespan first."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.app.metadata import Metadata
+
+    from fedbat_flwr import client_app
+
+    calls: list[str] = []
+    monkeypatch.setattr(client_app, "keep_freed_memory", lambda: calls.append("set") or True)
+    metadata = Metadata(
+        run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+        group_id="1", created_at=0.0, ttl=60.0, message_type="query",
+    )  # fmt: skip
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="No query function"):
+        client_app.app(Message(content=RecordDict(), metadata=metadata), context)
+    assert calls == ["set"]

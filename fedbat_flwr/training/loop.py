@@ -33,8 +33,11 @@ def keep_freed_memory() -> bool:
     gradient or update buffer with a fresh mmap (or trims it off the heap when freed), so every
     training step page-faults its memory back in: ~1,000-2,000 minor faults and ~15 % of a
     CNN4 step here (benchmarks/NOTES.md). Raising the mmap and trim thresholds makes the
-    buffers come back from the heap, as torch's CUDA caching allocator does on GPUs. Process
-    wide, once; a no-op (False) where the C library is not glibc.
+    buffers come back from the heap, as torch's CUDA caching allocator does on GPUs.
+
+    Process-wide, so the process's entry point calls it, not a training loop: the ClientApp at
+    start-up (its lifespan), the benchmarks before they time a step. Once per process; a no-op
+    (False) where the C library is not glibc.
     """
     name = ctypes.util.find_library("c")
     try:
@@ -141,9 +144,7 @@ def run_sgd(
 
     ``on_step(s)`` runs before each step s = 0..tau-1 (FedBAT switches phase there). Returns
     (steps, mean of the per-step batch losses); the loss is summed on device and read once.
-    Calls ``keep_freed_memory`` (once per process).
     """
-    keep_freed_memory()
     # foreach: one C++ loop over the tensors instead of a Python loop (not the CPU default).
     optimizer = torch.optim.SGD(
         params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True
@@ -202,7 +203,6 @@ def evaluate(
     device: torch.device,
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` (eval mode) on ``x``, ``y``."""
-    keep_freed_memory()
     model.eval()
     memory_format = input_memory_format(model)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
