@@ -123,6 +123,9 @@ class UplinkMixin:
     - `dense` / `binary-weights` (absolute weights): unbounded by design: the mean of weights
       moves by `p * (w_k - mean of the others)`.
 
+    Each node counts once a round (a second reply of a node is rejected), and any exception
+    while one reply is handled rejects that reply only (`_accept_once`).
+
     `aggregator = "majority"` bounds a client's vote (not its alpha: the step is the mean
     alpha), `aggregator = "sign-median"` bounds both by the honest clients' range as long as they
     are a majority; Flower's `fedmedian` / `fedtrimmedavg` / `krum` do the same for any kind.
@@ -184,8 +187,9 @@ class UplinkMixin:
         replies = list(replies)
         streaming = self._streams_each_reply()
         accepted = []
+        seen: set[object] = set()
         for msg in replies:
-            a = self._accept(msg, server_round)
+            a = self._accept_once(msg, server_round, seen)
             if a is not None and streaming:
                 # Not kept: `_stream_mean` decodes again, one reply at a time, so memory stays
                 # O(model) whatever the number of replies.
@@ -318,8 +322,33 @@ class UplinkMixin:
         return RecordDict({METRICS_KEY: MetricRecord(dict(a.metrics))})
 
     # -- validation --------------------------------------------------------------------------
+    def _accept_once(self, msg: Message, server_round: int, seen: set[object]) -> Accepted | None:
+        """`_accept`, for the first reply of each node only, and total.
+
+        One node, one reply a round: a later reply from a node already seen (a replayed or
+        duplicated message) is rejected whatever it holds, so it cannot count twice. Any
+        exception while one reply is handled (a decoder bug, a forged object no check foresaw)
+        rejects that reply, logged and counted in `num_rejected`, never the round.
+        """
+        try:
+            node = msg.metadata.src_node_id
+            if node in seen:
+                log(WARNING, "rejected reply from node %s: a second reply this round", node)
+                return None
+            seen.add(node)
+            return self._accept(msg, server_round)
+        except Exception as exc:  # defence in depth: one reply never ends the round
+            log(
+                WARNING,
+                "rejected a reply: %s while handling it: %s",
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, PayloadError),
+            )
+            return None
+
     def _accept(self, msg: Message, server_round: int = 0) -> Accepted | None:
-        """Validate one reply; log and drop it (None) if anything is wrong."""
+        """Validate one reply; log and drop it (None) if it is invalid (PayloadError)."""
         node = msg.metadata.src_node_id
         if msg.has_error():
             log(WARNING, "rejected reply from node %s: message error: %s", node, msg.error.reason)
@@ -332,13 +361,14 @@ class UplinkMixin:
             decoded = self._decode(record)
             if self.rule is not None:
                 self.rule.check(decoded, server_round)
+            nbytes = wire_bytes(record)
         except PayloadError as exc:
             log(WARNING, "rejected reply from node %s: %s", node, exc)
             return None
         # Dense payloads keep their validated weights too: Flower averages those, never the
         # reply's own record (which may hold raw Arrays Flower cannot read).
         num_examples = int(metrics[NUM_EXAMPLES_KEY])
-        return Accepted(msg, num_examples, wire_bytes(record), decoded, metrics)
+        return Accepted(msg, num_examples, nbytes, decoded, metrics)
 
     def _checked_metrics(self, msg: Message) -> dict[str, int | float]:
         """Finite scalar metrics and a positive integer `num-examples`, capped (or rejected).

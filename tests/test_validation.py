@@ -180,7 +180,7 @@ def test_npy_array_claiming_a_huge_shape_is_refused_before_allocating_it() -> No
     forged = Array("float32", (10**11,), "numpy.ndarray", header.getvalue() + bytes(16))
     record = to_record("dense", valid_payload("dense", np.random.default_rng(0)))
     record["bn.weight"] = forged
-    with pytest.raises(PayloadError, match="16 bytes do not match shape"):
+    with pytest.raises(PayloadError, match="shape"):
         record_to_payload(record)
 
 

@@ -349,7 +349,15 @@ def decode_fedpm(
     """Either uplink layout, told apart by the header's codec id (`fedpm-entropy-coding` is a
     client-side choice; the server reads both)."""
     header = payload.get("header") if isinstance(payload, Mapping) else None
-    coded = isinstance(header, np.ndarray) and header.size > 2 and int(header[2]) == FEDPM_CODED_ID
+    # Only a header that is what the layouts say (uint8, 1-D) is read here; anything else is
+    # left to `check_fields`, which names it (a float NaN or a 2-D header used to raise here).
+    coded = (
+        isinstance(header, np.ndarray)
+        and header.dtype == _U8
+        and header.ndim == 1
+        and header.size > 2
+        and int(header[2]) == FEDPM_CODED_ID
+    )
     view = (
         validate_fedpm_coded(payload, spec, bounds)
         if coded
