@@ -9,6 +9,7 @@ during a simulation (every process stopped).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbat_flwr import localrun
+from fedbat_flwr import localrun, sweep
 from fedbat_flwr.config import ConfigError, RunConfig, check_keys
 from fedbat_flwr.localrun import (
     APP_DIR,
@@ -33,6 +34,7 @@ from fedbat_flwr.localrun import (
 )
 from fedbat_flwr.preflight import check_startup, wait_for_nodes
 from fedbat_flwr.results import FAILED_FILE, RunRecorder, default_run_name, holds_results
+from fedbat_flwr.sweep import SuiteError, expand, load_suite
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str]]:
@@ -233,3 +235,39 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_sweep_checks_every_cell_before_flower(tmp_path: Path):
+    suite = tmp_path / "s.yaml"
+    suite.write_text(
+        "name: s\nbase: {num-server-rounds: 1, min-train-nodes: 3}\n"
+        "grid: {method: [topk], topk-density: [0.5, 5.0], num-clients: [4]}\n"
+    )
+    with pytest.raises(SuiteError, match=r"'topk-density' = 5\.0 is not allowed"):
+        load_suite(suite)
+    suite.write_text("name: s\nbase: {min-train-nodes: 3}\ngrid: {num-clients: [2, 4]}\n")
+    with pytest.raises(SuiteError, match=r"'min-train-nodes' = 3 needs that many SuperNodes"):
+        load_suite(suite)
+
+
+def test_failed_sweep_cell_gives_its_reason_and_a_failed_marker(tmp_path: Path):
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\nbase: {num-server-rounds: 2}\ngrid: {num-clients: [2]}\n")
+    (cell,) = expand(load_suite(suite))
+
+    class DeadLink:
+        env = None
+
+        def run(self, run_config, *, num_supernodes, on_line) -> int:
+            on_line("ValueError: no data")
+            return 0
+
+    status = RunStatus("1", "finished:failed", "Simulation failed with exception: no data")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweep, "latest_run_status", lambda *args: status)
+        out = io.StringIO()
+        reason = sweep.run_cell(DeadLink(), cell, tmp_path / "runs", sweep.Progress(1, 2, out))
+    assert reason == "Simulation failed with exception: no data"
+    assert out.getvalue().splitlines()[-1] == f"  failed: {reason}"
+    assert (tmp_path / "runs" / cell.run_name / FAILED_FILE).exists()
+    assert sweep.cell_status(cell, tmp_path / "runs") != "done"
