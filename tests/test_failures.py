@@ -9,6 +9,7 @@ during a simulation (every process stopped).
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -271,3 +272,14 @@ def test_failed_sweep_cell_gives_its_reason_and_a_failed_marker(tmp_path: Path):
     assert out.getvalue().splitlines()[-1] == f"  failed: {reason}"
     assert (tmp_path / "runs" / cell.run_name / FAILED_FILE).exists()
     assert sweep.cell_status(cell, tmp_path / "runs") != "done"
+
+
+def test_deploy_local_checks_the_run_config_against_its_nodes(capsys):
+    script = APP_DIR / "scripts" / "deploy_local.py"
+    spec = importlib.util.spec_from_file_location("deploy_local", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    code = module.main(["--num-nodes", "1", "--run-config", "min-train-nodes=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "'min-train-nodes' = 2 needs that many SuperNodes" in err[-1]
+    assert descendants(os.getpid()) == [], "no SuperLink or SuperNode was started"
