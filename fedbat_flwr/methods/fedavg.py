@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..task import state_arrays
-from ..training import run_sgd
 from .base import ClientUpdate, LocalTask, Method, register
+from .common import train_plain
 
 
 @register
@@ -15,14 +15,6 @@ class FedAvg(Method):
     payload_kind = "dense"
 
     def train(self, task: LocalTask) -> ClientUpdate:
-        params = [p for p in task.model.parameters() if p.requires_grad]
-        _, loss = run_sgd(
-            task.model,
-            params,
-            task.batches,
-            epochs=self.config.local_epochs,
-            lr=self.config.lr,
-            device=task.device,
-        )
+        loss = train_plain(task)
         payload = state_arrays(task.model)
         return ClientUpdate(payload, task.batches.num_examples, {"train-loss": loss})

@@ -31,7 +31,7 @@ import numpy as np
 
 from fedbat_flwr.wire.errors import PayloadError
 from fedbat_flwr.wire.fields import (
-    FLOAT32_MAX,
+    ANY_STEP,
     check_fields,
     check_header,
     check_length,
@@ -50,7 +50,7 @@ from fedbat_flwr.wire.signs import (
     encode_signs,
     validate_signs,
 )
-from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec, TensorSpec
+from fedbat_flwr.wire.spec import ModelSpec, TensorSpec
 
 BINARY_CODEC_ID = 4
 BINARY_VERSION = 1
@@ -60,7 +60,6 @@ LAYOUT = {
     "alphas": (np.dtype(np.float32), 1),
     "dense": (np.dtype(np.float32), 1),
 }
-_ANY_ALPHA = AlphaBounds(param=(0.0, FLOAT32_MAX), stat=(0.0, FLOAT32_MAX))
 
 
 def is_binarized(t: TensorSpec) -> bool:
@@ -118,7 +117,7 @@ def validate_binary_weights(
     signs = validate_signs(
         {"header": signs_header, "signs": payload["signs"], "alphas": payload["alphas"]},
         binarized,
-        _ANY_ALPHA,
+        ANY_STEP,
     )
     dense = payload["dense"]
     check_length(dense, full.num_params, "dense", "the full-precision tensors' sizes")
@@ -139,7 +138,7 @@ def accumulate_binary_weights(
 ) -> None:
     """In place ``acc[name] += weight * w_name`` for every tensor (weights, not updates)."""
     check_weight(weight)
-    accumulate_signs(acc, view.signs, view.signs.spec, _ANY_ALPHA, weight)
+    accumulate_signs(acc, view.signs, view.signs.spec, ANY_STEP, weight)
     w = np.float32(weight)
     for t in view.spec:
         if t.name in view.dense:
