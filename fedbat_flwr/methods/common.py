@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -33,14 +33,19 @@ def stat_signs(task: LocalTask) -> tuple[dict[str, np.ndarray], dict[str, float]
     Statistics are not trained by gradients, so no method learns their binarization; every 1-bit
     method sends them the way EF-SignSGD sends its update.
     """
+    return update_signs(task, [t for t in task.spec if t.kind == "stat"])
+
+
+def update_signs(
+    task: LocalTask, tensors: Iterable[TensorSpec]
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The client's update of each of ``tensors`` as sign bits (True = +alpha) with
+    alpha = mean |update| (0 for an empty tensor): how 1-bit methods send what they do not
+    binarize themselves."""
+    tensors = list(tensors)
     delta = local_delta(task)
-    bits: dict[str, np.ndarray] = {}
-    alphas: dict[str, float] = {}
-    for tensor in task.spec:
-        if tensor.kind == "stat":
-            d = delta[tensor.name]
-            bits[tensor.name] = d >= 0
-            alphas[tensor.name] = float(np.abs(d).mean()) if d.size else 0.0
+    bits = {t.name: delta[t.name] >= 0 for t in tensors}
+    alphas = {t.name: float(np.abs(delta[t.name]).mean()) if t.size else 0.0 for t in tensors}
     return bits, alphas
 
 

@@ -54,7 +54,7 @@ from ..wire.fedbif import (
 )
 from ..wire.kbit import MAX_BITS
 from .base import ClientUpdate, LocalTask, Method, register
-from .common import local_delta, option, parametrized_by_name
+from .common import option, parametrized_by_name, update_signs
 
 SELECTORS = ("cycle", "random")
 STATE_PREFIX = "virtual-bits/"
@@ -210,9 +210,7 @@ class FedBiF(Method):
     ) -> dict[str, np.ndarray]:
         """The activated bits, and sign(update) + mean |update| for the other tensors."""
         _, others = split_spec(task.spec)
-        delta = local_delta(task)
-        signs = {t.name: delta[t.name] >= 0 for t in others}
-        alphas = {t.name: float(np.abs(delta[t.name]).mean()) if t.size else 0.0 for t in others}
+        signs, alphas = update_signs(task, others)
         return encode_fedbif_bits(task.spec, self.bits, active, planes, signs, alphas)
 
 

@@ -61,7 +61,7 @@ from ..wire.fedpm import (
     validate_fedpm_probs,
 )
 from .base import ClientUpdate, LocalTask, Method, register
-from .common import local_delta, option, parametrized_by_name
+from .common import option, parametrized_by_name, update_signs
 
 THETA_EPS = 1e-3  # received theta is clipped into [eps, 1 - eps] before taking its logit
 THETA_RULES = ("mode", "mean")  # `fedpm-theta`: the server's point estimate of the Beta posterior
@@ -189,9 +189,7 @@ class FedPM(Method):
 
     def _encode(self, task: LocalTask, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         _, stats = fedpm_groups(task.spec)
-        delta = local_delta(task)
-        signs = {t.name: delta[t.name] >= 0 for t in stats}
-        alphas = {t.name: float(np.abs(delta[t.name]).mean()) if t.size else 0.0 for t in stats}
+        signs, alphas = update_signs(task, stats)
         return encode_fedpm_mask(task.spec, masks, signs, alphas, coded=self.coded)
 
 
