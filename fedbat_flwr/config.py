@@ -49,6 +49,10 @@ class RunConfig:
     alpha_min: float = 5e-4
     alpha_max: float = 5e-2
     stat_alpha_max: float = 20.0  # a refit first-layer running_var moves ~e^-10.4 in round 1
+    # Largest |entry| of a parameter update whose size the client's data decides (EF-SignSGD
+    # alpha, FedPAQ scale, top-k value, FedBiF's BatchNorm affine); an honest CNN4 update on
+    # Fashion-MNIST stays under 0.44 (10 local epochs at lr 0.1).
+    max_update_entry: float = 5.0
     max_num_examples: int = 1_000_000
     num_examples_policy: str = "cap"  # a claim above max-num-examples: "cap" it or "reject" it
     round_timeout: float = 600.0  # seconds the server waits for a round's replies
@@ -85,6 +89,7 @@ class RunConfig:
         _check_range("alpha_min", self.alpha_min, lo=0.0, lo_open=True)
         _check_range("alpha_max", self.alpha_max, lo=self.alpha_min)
         _check_range("stat_alpha_max", self.stat_alpha_max, lo=0.0, lo_open=True)
+        _check_range("max_update_entry", self.max_update_entry, lo=0.0, lo_open=True)
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:

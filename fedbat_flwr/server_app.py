@@ -31,7 +31,6 @@ from .server_rules import Evaluation
 from .strategy import UplinkMixin, build_strategy
 from .task import build_model_for, data_config, load_state, model_spec, state_arrays
 from .training import default_device, evaluate, prepare_model
-from .wire import AlphaBounds
 
 app = ServerApp()
 
@@ -76,9 +75,7 @@ def main(grid: Grid, context: Context) -> None:
         method.aggregator(config),
         spec=spec,
         payload_kind=method.payload_kind,
-        bounds=AlphaBounds(
-            param=(config.alpha_min, config.alpha_max), stat=(0.0, config.stat_alpha_max)
-        ),
+        bounds=method.step_bounds(config),
         max_num_examples=config.max_num_examples,
         num_examples_policy=config.num_examples_policy,
         rule=rule,

@@ -114,12 +114,12 @@ class UplinkMixin:
     `max-num-examples`; `num-examples-policy = "reject"` drops larger claims instead): per round
     it moves any weight by at most
 
-    - 1-bit kinds (`signs`): `p * alpha-max` for a parameter, `p * stat-alpha-max` for a
-      BatchNorm statistic, in the statistic's domain (a running variance by a factor within
-      `exp(+-p * stat-alpha-max)`). `signs-unbounded` (SignSGD family, EF-SignSGD) has no a-priori
-      alpha for parameters: `p * 3.4e38` (float32), only the statistics are bounded.
-    - `kbit` / `sparse` updates: unbounded for parameters (finite float32, like dense); BatchNorm
-      statistics `p * stat-alpha-max` (checked on the scale / the kept values).
+    - 1-bit kinds (`signs`): `p * alpha-max` for a parameter (SignSGD family: `p * alpha`, its
+      configured alpha exactly), `p * stat-alpha-max` for a BatchNorm statistic, in the
+      statistic's domain (a running variance by a factor within `exp(+-p * stat-alpha-max)`).
+      `signs-unbounded` (EF-SignSGD, alpha = mean |p|): `p * max-update-entry` for parameters.
+    - `kbit` / `sparse` updates, FedBiF's full-precision tensors: `p * max-update-entry` for a
+      parameter, `p * stat-alpha-max` for a statistic (checked on the scale / kept values).
     - `dense` / `binary-weights` (absolute weights): unbounded by design: the mean of weights
       moves by `p * (w_k - mean of the others)`.
 

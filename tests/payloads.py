@@ -14,6 +14,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fedbat_flwr.records import arrays_to_record, payload_to_record
+from fedbat_flwr.server_rules import ServerRule
 from fedbat_flwr.strategy import build_strategy
 from fedbat_flwr.wire import (
     AlphaBounds,
@@ -27,6 +28,8 @@ from fedbat_flwr.wire import (
     quantize_stochastic,
 )
 from fedbat_flwr.wire.binary import split_spec
+from fedbat_flwr.wire.fedbif import encode_fedbif_bits
+from fedbat_flwr.wire.fedpm import encode_fedpm_mask, fedpm_groups
 from fedbat_flwr.wire.kbit import packed_nbytes
 from fedbat_flwr.wire.sparse import BITMAP
 
@@ -47,12 +50,21 @@ KBIT_BITS = 4
 # Kinds the plain strategy aggregates (FedBiF / FedPM kinds need their method's ServerRule).
 KINDS = ("signs", "signs-unbounded", "dense", "kbit", "sparse", "binary-weights")
 SIGN_KINDS = ("signs", "signs-unbounded")
+# Kinds with a ServerRule (`make_strategy` builds it); "fedpm-coded" is FedPM's range-coded
+# layout of the same payload kind, "fedpm-mask".
+RULE_KINDS = ("fedbif-bits", "fedpm-mask", "fedpm-coded")
+ALL_KINDS = KINDS + RULE_KINDS
+PAYLOAD_KIND = {"fedpm-coded": "fedpm-mask"}
+FEDBIF_BITS = 4
 # Float fields whose entries must be >= 0 (a step size or a scale), per kind.
 NONNEG_FIELDS = {
     "signs": ("alphas",),
     "signs-unbounded": ("alphas",),
     "kbit": ("scales",),
     "binary-weights": ("alphas",),
+    "fedbif-bits": ("alphas",),
+    "fedpm-mask": ("alphas",),
+    "fedpm-coded": ("alphas",),
 }
 
 
@@ -63,23 +75,45 @@ def global_arrays(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def make_strategy(
-    kind: str, aggregator: str = "fedavg", policy: str = "cap", seed: int = 0, **kwargs: object
+    kind: str,
+    aggregator: str = "fedavg",
+    policy: str = "cap",
+    seed: int = 0,
+    bounds: AlphaBounds = BOUNDS,
+    **kwargs: object,
 ):
-    """The server's strategy for `kind`, holding the global model of `global_arrays(seed)`."""
+    """The server's strategy for `kind`, holding the global model of `global_arrays(seed)`
+    (for a rule kind: its rule, and the rule's global arrays made from that model)."""
+    rule = make_rule(kind, seed) if kind in RULE_KINDS else None
+    if rule is not None:
+        kwargs["rule"] = rule
     strategy = build_strategy(
         aggregator,
         spec=SPEC,
-        payload_kind=kind,
-        bounds=BOUNDS,
+        payload_kind=PAYLOAD_KIND.get(kind, kind),
+        bounds=bounds,
         max_num_examples=CAP,
         num_examples_policy=policy,
         min_train_nodes=1,
         **kwargs,
     )
-    strategy.global_arrays = global_arrays(seed)
+    strategy.global_arrays = (
+        global_arrays(seed) if rule is None else rule.initial(global_arrays(seed))
+    )
     if aggregator in ("fedadam", "fedyogi"):
         strategy.current_arrays = dict(strategy.global_arrays)
     return strategy
+
+
+def make_rule(kind: str, seed: int = 0) -> ServerRule:
+    """FedBiF's rule (m = 4, one bit a round: bit 3 in round 1) or FedPM's (the reference
+    network is `global_arrays(seed)`)."""
+    from fedbat_flwr.methods.fedbif import FedBiFRule
+    from fedbat_flwr.methods.fedpm import FedPMRule
+
+    if kind == "fedbif-bits":
+        return FedBiFRule(SPEC, FEDBIF_BITS, 1, "cycle", seed=seed)
+    return FedPMRule(SPEC, global_arrays(seed), 1, seed=seed)
 
 
 # -- valid payloads ------------------------------------------------------------------------------
@@ -138,6 +172,23 @@ def _binary(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return encode_binary_weights(SPEC, bits, alphas, dense)
 
 
+def _fedbif(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Round 1's activated bit (3) of each weight, the other tensors' 1-bit updates."""
+    quantized, others = split_spec(SPEC)
+    planes = {t.name: rng.random((1, *t.shape)) < 0.5 for t in quantized}
+    signs = {t.name: rng.random(t.shape) < 0.5 for t in others}
+    alphas = {t.name: float(rng.uniform(0, 0.05)) for t in others}
+    return encode_fedbif_bits(SPEC, FEDBIF_BITS, [3], planes, signs, alphas)
+
+
+def _fedpm(rng: np.random.Generator, coded: bool) -> dict[str, np.ndarray]:
+    masked, stats = fedpm_groups(SPEC)
+    masks = {t.name: rng.random(t.shape) < rng.uniform(0.2, 0.8) for t in masked}
+    signs = {t.name: rng.random(t.shape) < 0.5 for t in stats}
+    alphas = {t.name: float(rng.uniform(0, 1.0)) for t in stats}
+    return encode_fedpm_mask(SPEC, masks, signs, alphas, coded=coded)
+
+
 VALID: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "signs": lambda rng: _signs(rng, BOUNDS.param[1]),
     "signs-unbounded": lambda rng: _signs(rng, 0.1),
@@ -145,6 +196,9 @@ VALID: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "kbit": _kbit,
     "sparse": _sparse,
     "binary-weights": _binary,
+    "fedbif-bits": _fedbif,
+    "fedpm-mask": lambda rng: _fedpm(rng, coded=False),
+    "fedpm-coded": lambda rng: _fedpm(rng, coded=True),
 }
 
 
@@ -175,14 +229,26 @@ def float_fields(kind: str, payload: dict[str, np.ndarray]) -> dict[str, list[Te
             "alphas": list(binarized.tensors),
             "dense": [t for t in full for _ in range(t.size)],
         }
+    if kind == "fedbif-bits":
+        return {"alphas": list(split_spec(SPEC)[1].tensors)}
+    if kind in ("fedpm-mask", "fedpm-coded"):
+        return {"alphas": list(fedpm_groups(SPEC)[1].tensors)}
     return {t.name: [t] * t.size for t in SPEC}
 
 
 def step_bound(kind: str, field: str, t: TensorSpec) -> float:
-    """The largest |value| an entry of `field` about tensor `t` may have (inf = unbounded)."""
-    if kind == "signs" or (kind in ("signs-unbounded", "kbit", "sparse") and t.kind == "stat"):
-        return BOUNDS.for_tensor(t)[1]
-    return float("inf")
+    """The largest |value| an entry of `field` about tensor `t` may have (inf = unbounded).
+
+    The documented bounds (docs/ARCHITECTURE.md, "Influence of one client"): FedBAT's alpha
+    within [alpha-min, alpha-max]; every BatchNorm statistic's step within stat-alpha-max;
+    every other data-sized parameter step within max-update-entry; weights (dense, BiFL)
+    unbounded by design.
+    """
+    if kind in ("dense", "binary-weights"):
+        return float("inf")
+    if t.kind == "stat":
+        return BOUNDS.stat[1]
+    return BOUNDS.param[1] if kind == "signs" else BOUNDS.update
 
 
 def value_is_valid(kind: str, field: str, t: TensorSpec, value: float) -> bool:
@@ -207,6 +273,19 @@ def pad_bits(kind: str, payload: dict[str, np.ndarray]) -> list[tuple[str, int, 
         return _pad_positions("signs", [t.size for t in SPEC if is_binarized(t)])
     if kind == "kbit":
         return _pad_positions("levels", [t.size * KBIT_BITS for t in SPEC])
+    if kind == "fedbif-bits":
+        quantized, others = split_spec(SPEC)
+        return _pad_positions("bits", [t.size for t in quantized]) + _pad_positions(
+            "signs", [t.size for t in others]
+        )
+    if kind in ("fedpm-mask", "fedpm-coded"):
+        masked, stats = fedpm_groups(SPEC)
+        signs = _pad_positions("signs", [t.size for t in stats])
+        return (
+            signs
+            if kind == "fedpm-coded"
+            else _pad_positions("masks", [t.size for t in masked]) + signs
+        )
     if kind == "sparse":
         meta = payload["meta"].astype(np.int64)
         starts = np.cumsum(meta[:, 2]) - meta[:, 2]

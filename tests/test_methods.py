@@ -88,7 +88,10 @@ def run(name: str, task: LocalTask, **extra: object):
     update = method.train(task)
     pack = arrays_to_record if method.payload_kind == "dense" else payload_to_record
     payload = record_to_payload(pack(update.payload))
-    decoded = decode_payload(method.payload_kind, payload, task.spec, AlphaBounds())
+    # lr 0.5 on the tiny model moves single entries by up to ~40 (ZeroFL): the run's bound on
+    # data-sized steps (max-update-entry) is pinned in tests/test_hostile_influence.py.
+    bounds = method.step_bounds(config.replace(max_update_entry=1e3))
+    decoded = decode_payload(method.payload_kind, payload, task.spec, bounds)
     return update, local_delta(task), decoded
 
 
@@ -407,7 +410,7 @@ def _strategy(cls: type, kind: str):
     strategy = cls(
         spec=VOTE_SPEC,
         payload_kind=kind,
-        bounds=AlphaBounds(param=(0.0, 10.0)),
+        bounds=AlphaBounds(param=(0.0, 10.0), update=100.0),  # EF-SignSGD-like alphas up to 90
         max_num_examples=100,
         fraction_train=1.0,
         min_train_nodes=1,

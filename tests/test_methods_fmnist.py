@@ -28,7 +28,7 @@ from fedbat_flwr.task import (
     state_arrays,
 )
 from fedbat_flwr.training import evaluate
-from fedbat_flwr.wire import AlphaBounds, decode_payload
+from fedbat_flwr.wire import decode_payload
 
 NUM_PARTITIONS = 10
 PARTITION = 3
@@ -83,9 +83,7 @@ def test_method_round_trip_on_cnn4(name: str, partition) -> None:
         assert set(restored) == set(task.state)
 
     # Server side, as UplinkMixin._accept + _stream_mean / _as_dense (or the rule) do it.
-    bounds = AlphaBounds(
-        param=(config.alpha_min, config.alpha_max), stat=(0.0, config.stat_alpha_max)
-    )
+    bounds = get_method(name).step_bounds(config)
     decoded = decode_payload(method.payload_kind, record_to_payload(record), spec, bounds)
     if rule is not None:
         rule.check(decoded, server_round)

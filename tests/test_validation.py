@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -44,6 +45,8 @@ from tests.strategy_helpers import error_reply, reply
 
 Payload = dict[str, np.ndarray]
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# max-update-entry at float32's limit: what the aggregation must survive without the bound.
+UNBOUNDED = replace(BOUNDS, update=FLOAT32_MAX)
 
 
 def _honest(kind: str, seed: int = 1, count: int = 3) -> list[Message]:
@@ -226,39 +229,36 @@ def test_one_signs_client_moves_a_weight_by_at_most_p_alpha_max() -> None:
         np.testing.assert_allclose(np.abs(own[t.name]), bound, rtol=1e-4, err_msg=t.name)
 
 
-@pytest.mark.parametrize("kind", ["signs-unbounded", "kbit", "sparse"])
-def test_statistics_are_bounded_parameters_are_not(kind: str) -> None:
-    """Without an alpha bound (SignSGD family, FedPAQ, top-k) a client can move a parameter as
-    far as it likes (p * 1e3 here), but a BatchNorm statistic only p * stat-alpha-max."""
-    step = {t.name: (1e3 if t.kind == "param" else BOUNDS.stat[1]) for t in SPEC}
+def _at_steps(kind: str, step: dict[str, float]) -> Payload:
+    """Every entry of every tensor moved by exactly `step[tensor]` (all signs +)."""
     ones = {t.name: np.ones(t.shape, bool) for t in SPEC}
     if kind == "signs-unbounded":
-        payload = encode_signs(SPEC, ones, step)
-    elif kind == "kbit":
+        return encode_signs(SPEC, ones, step)
+    if kind == "kbit":
         top = (1 << KBIT_BITS) - 1
-        payload = encode_kbit(SPEC, {n: b.astype(np.uint8) * top for n, b in ones.items()}, step, 4)
-    else:
-        every = {t.name: np.arange(t.size) for t in SPEC}
-        payload = encode_sparse(SPEC, every, {t.name: np.full(t.size, step[t.name]) for t in SPEC})
+        return encode_kbit(SPEC, {n: b.astype(np.uint8) * top for n, b in ones.items()}, step, 4)
+    every = {t.name: np.arange(t.size) for t in SPEC}
+    return encode_sparse(SPEC, every, {t.name: np.full(t.size, step[t.name]) for t in SPEC})
+
+
+@pytest.mark.parametrize("kind", ["signs-unbounded", "kbit", "sparse"])
+def test_data_sized_steps_are_bounded_by_max_update_entry(kind: str) -> None:
+    """EF-SignSGD, FedPAQ, top-k: a parameter moves at most p * max-update-entry, a BatchNorm
+    statistic p * stat-alpha-max; a client at both bounds reaches exactly that, and one
+    float32 ulp past either bound is rejected."""
+    step = {t.name: (BOUNDS.update if t.kind == "param" else BOUNDS.stat[1]) for t in SPEC}
     honest = _honest(kind)
-    attacker = reply(9, payload_to_record(payload), num_examples=CAP)
+    attacker = reply(9, payload_to_record(_at_steps(kind, step)), num_examples=CAP)
     strategy = make_strategy(kind)
     p = _p_of_capped_attacker(honest)
     own = _own_step(strategy, honest, _model(strategy, [*honest, attacker]), p)
     for t in SPEC:
         np.testing.assert_allclose(own[t.name], p * step[t.name], rtol=1e-4, err_msg=t.name)
-    # One float32 ulp past the stat bound: rejected.
-    over = {**step, "bn.running_var": float(np.nextafter(np.float32(10), np.float32(11)))}
-    if kind == "sparse":
-        values = {t.name: np.full(t.size, over[t.name]) for t in SPEC}
-        payload = encode_sparse(SPEC, {t.name: np.arange(t.size) for t in SPEC}, values)
-    elif kind == "kbit":
-        payload = {**payload, "scales": np.array([over[t.name] for t in SPEC], np.float32)}
-    else:
-        payload = {**payload, "alphas": np.array([over[t.name] for t in SPEC], np.float32)}
-    strategy = make_strategy(kind)
-    strategy.aggregate_train(1, [*honest, reply(9, payload_to_record(payload), CAP)])
-    assert strategy.rounds[1].num_rejected == 1
+    for name in ("bn.running_var", "conv.weight"):
+        over = {**step, name: float(np.nextafter(np.float32(step[name]), np.float32(np.inf)))}
+        strategy = make_strategy(kind)
+        strategy.aggregate_train(1, [*honest, reply(9, payload_to_record(_at_steps(kind, over)))])
+        assert strategy.rounds[1].num_rejected == 1, name
 
 
 def test_dense_influence_is_unbounded_by_design_but_not_under_fedmedian() -> None:
@@ -314,7 +314,8 @@ def test_num_examples_policy_is_a_checked_run_config_key() -> None:
 
 @pytest.mark.parametrize("kind", SIGN_KINDS)
 def test_sign_median_equals_flowers_fedmedian_on_the_implied_weights(kind: str) -> None:
-    replies = _honest(kind, count=4) + _honest(kind, seed=2, count=1)
+    fifth = _honest(kind, seed=2, count=1)[0].content["arrays"]
+    replies = [*_honest(kind, count=4), reply(5, fifth, num_examples=500)]
     strategy = make_strategy(kind, "sign-median")
     assert isinstance(strategy, SignMedianStrategy)
     ours = _model(strategy, replies)
@@ -339,8 +340,11 @@ def test_sign_median_stays_within_the_honest_steps_under_attack() -> None:
     evil = encode_signs(SPEC, flipped, {t.name: (1e3 if t.kind == "param" else 10.0) for t in SPEC})
     attackers = [reply(20 + i, payload_to_record(evil), num_examples=10**9) for i in range(3)]
     w = global_arrays()
-    median = _model(make_strategy("signs-unbounded", "sign-median"), honest + attackers)
-    mean = _model(make_strategy("signs-unbounded"), honest + attackers)
+    wide = replace(BOUNDS, update=1e3)  # the attackers' alpha within max-update-entry
+    median = _model(
+        make_strategy("signs-unbounded", "sign-median", bounds=wide), honest + attackers
+    )
+    mean = _model(make_strategy("signs-unbounded", bounds=wide), honest + attackers)
     for t in SPEC:
         if t.domain == "log":
             continue
@@ -361,7 +365,7 @@ def test_sign_median_of_two_float32_max_steps_does_not_overflow() -> None:
     ones = {t.name: np.ones(t.shape, bool) for t in SPEC}
     huge = {t.name: (FLOAT32_MAX if t.kind == "param" else 1.0) for t in SPEC}
     record = payload_to_record(encode_signs(SPEC, ones, huge))
-    strategy = make_strategy("signs-unbounded", "sign-median")
+    strategy = make_strategy("signs-unbounded", "sign-median", bounds=UNBOUNDED)
     strategy.global_arrays = {t.name: np.zeros(t.shape, np.float32) + 1 for t in SPEC}
     new = _model(strategy, [reply(1, record), reply(2, record)])
     assert np.isfinite(new["conv.weight"]).all() and new["conv.weight"].min() > 1e38
@@ -372,7 +376,7 @@ def test_an_aggregate_past_float32_keeps_the_previous_model() -> None:
     """Valid replies of an unbounded kind can still sum past float32's range: no inf model."""
     ones = {t.name: np.ones(t.shape, bool) for t in SPEC}
     huge = {t.name: (FLOAT32_MAX if t.kind == "param" else 1.0) for t in SPEC}
-    strategy = make_strategy("signs-unbounded")
+    strategy = make_strategy("signs-unbounded", bounds=UNBOUNDED)
     strategy.global_arrays["conv.weight"][:] = FLOAT32_MAX / 2
     record = payload_to_record(encode_signs(SPEC, ones, huge))
     assert strategy.aggregate_train(1, [reply(1, record)]) == (None, None)

@@ -21,7 +21,7 @@ from ..data import TensorData
 from ..server_rules import Evaluation, ServerRule
 from ..task import build_model_for, client_seed, load_state, model_spec
 from ..training import TensorBatches, default_device, prepare_model
-from ..wire import ModelSpec
+from ..wire import AlphaBounds, ModelSpec
 
 
 @dataclass
@@ -79,6 +79,18 @@ class Method(ABC):
         """The method's own server side (docs/ARCHITECTURE.md, "Methods"), or None: the dense
         model goes down and the strategy averages the decoded replies."""
         return None
+
+    @classmethod
+    def step_bounds(cls, config: RunConfig) -> AlphaBounds:
+        """The step sizes the server accepts in this method's replies (docs/ARCHITECTURE.md,
+        "Influence of one client"): [alpha-min, alpha-max] for a sign kind's parameters,
+        stat-alpha-max for BatchNorm statistics, max-update-entry for data-sized steps. A
+        method whose step is a run-config constant narrows `param` to exactly that value."""
+        return AlphaBounds(
+            param=(config.alpha_min, config.alpha_max),
+            stat=(0.0, config.stat_alpha_max),
+            update=config.max_update_entry,
+        )
 
     @classmethod
     def evaluation(cls, config: RunConfig, spec: ModelSpec) -> Evaluation | None:

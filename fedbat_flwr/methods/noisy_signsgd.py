@@ -9,10 +9,12 @@ first (`encode_param_signs`).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
 from ..config import RunConfig
+from ..wire import AlphaBounds
 from .base import ClientUpdate, LocalTask, Method, register
 from .common import encode_param_signs, local_delta, option, train_plain
 
@@ -22,16 +24,21 @@ class NoisySignSGD(Method):
     """SignSGD on a Gaussian-perturbed update."""
 
     name = "noisy-signsgd"
-    payload_kind = "signs-unbounded"
+    payload_kind = "signs"  # the parameter alpha is exactly noisy-alpha (step_bounds)
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
-        self.alpha = option(
-            config, "noisy-alpha", 0.01, lambda a: math.isfinite(a) and a > 0, "a float > 0"
-        )
+        self.alpha = noisy_alpha(config)
         self.sigma = option(
             config, "noisy-sigma", 0.01, lambda s: math.isfinite(s) and s >= 0, "a float >= 0"
         )
+
+    @classmethod
+    def step_bounds(cls, config: RunConfig) -> AlphaBounds:
+        """The server accepts exactly the configured `noisy-alpha` as a parameter's alpha: a
+        client cannot buy influence with a larger step."""
+        alpha = noisy_alpha(config)
+        return replace(super().step_bounds(config), param=(alpha, alpha))
 
     def train(self, task: LocalTask) -> ClientUpdate:
         loss = train_plain(task)
@@ -47,3 +54,8 @@ class NoisySignSGD(Method):
 def noisy_sign_bits(m: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """sign(m + N(0, sigma^2)) as bits (True = +alpha)."""
     return m + rng.normal(0.0, sigma, size=m.shape) >= 0
+
+
+def noisy_alpha(config: RunConfig) -> float:
+    """`noisy-alpha`: the fixed step size, read alike by the clients and the server."""
+    return option(config, "noisy-alpha", 0.01, lambda a: math.isfinite(a) and a > 0, "a float > 0")

@@ -13,8 +13,10 @@ method may use directly.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ..config import ConfigError, RunConfig
+from ..wire import AlphaBounds
 from .base import ClientUpdate, LocalTask, Method, register
 from .common import encode_param_signs, local_delta, option, train_plain
 
@@ -26,13 +28,18 @@ class SignSGD(Method):
     """The 1-bit baseline every other sign method improves on."""
 
     name = "signsgd"
-    payload_kind = "signs-unbounded"
+    payload_kind = "signs"  # the parameter alpha is exactly signsgd-alpha (step_bounds)
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
-        self.alpha = option(
-            config, "signsgd-alpha", 0.001, lambda a: math.isfinite(a) and a > 0, "a float > 0"
-        )
+        self.alpha = signsgd_alpha(config)
+
+    @classmethod
+    def step_bounds(cls, config: RunConfig) -> AlphaBounds:
+        """The server accepts exactly the configured `signsgd-alpha` as a parameter's alpha: a
+        client cannot buy influence with a larger step."""
+        alpha = signsgd_alpha(config)
+        return replace(super().step_bounds(config), param=(alpha, alpha))
 
     @classmethod
     def aggregator(cls, config: RunConfig) -> str:
@@ -57,3 +64,10 @@ class SignSGD(Method):
         alphas = {t.name: self.alpha for t in params}
         payload = encode_param_signs(task, bits, alphas)
         return ClientUpdate(payload, task.batches.num_examples, {"train-loss": loss})
+
+
+def signsgd_alpha(config: RunConfig) -> float:
+    """`signsgd-alpha`: the fixed step size, read alike by the clients and the server."""
+    return option(
+        config, "signsgd-alpha", 0.001, lambda a: math.isfinite(a) and a > 0, "a float > 0"
+    )

@@ -10,10 +10,12 @@ first (`encode_param_signs`).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
 from ..config import RunConfig
+from ..wire import AlphaBounds
 from .base import ClientUpdate, LocalTask, Method, register
 from .common import encode_param_signs, local_delta, option, train_plain
 
@@ -23,13 +25,18 @@ class StocSignSGD(Method):
     """SignSGD with the sign drawn at random, biased towards the update's sign."""
 
     name = "stoc-signsgd"
-    payload_kind = "signs-unbounded"
+    payload_kind = "signs"  # the parameter alpha is exactly stoc-alpha (step_bounds)
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
-        self.alpha = option(
-            config, "stoc-alpha", 0.01, lambda a: math.isfinite(a) and a > 0, "a float > 0"
-        )
+        self.alpha = stoc_alpha(config)
+
+    @classmethod
+    def step_bounds(cls, config: RunConfig) -> AlphaBounds:
+        """The server accepts exactly the configured `stoc-alpha` as a parameter's alpha: a
+        client cannot buy influence with a larger step."""
+        alpha = stoc_alpha(config)
+        return replace(super().step_bounds(config), param=(alpha, alpha))
 
     def train(self, task: LocalTask) -> ClientUpdate:
         loss = train_plain(task)
@@ -47,3 +54,8 @@ def stochastic_sign_bits(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     scale = float(np.abs(m).max()) if m.size else 0.0
     p_plus = 0.5 + m / (2.0 * scale) if scale > 0 else np.full(m.shape, 0.5)
     return rng.random(m.shape) < p_plus
+
+
+def stoc_alpha(config: RunConfig) -> float:
+    """`stoc-alpha`: the fixed step size, read alike by the clients and the server."""
+    return option(config, "stoc-alpha", 0.01, lambda a: math.isfinite(a) and a > 0, "a float > 0")

@@ -15,7 +15,7 @@ import numpy as np
 
 from fedbat_flwr.wire.binary import BinaryWeightsDecoded, validate_binary_weights
 from fedbat_flwr.wire.errors import PayloadError
-from fedbat_flwr.wire.fields import FLOAT32_MAX, dense_by_accumulating
+from fedbat_flwr.wire.fields import dense_by_accumulating
 from fedbat_flwr.wire.kbit import accumulate_kbit, validate_kbit
 from fedbat_flwr.wire.signs import SignsPayload, accumulate_signs, decode_signs, validate_signs
 from fedbat_flwr.wire.sparse import accumulate_sparse, validate_sparse
@@ -134,19 +134,22 @@ def validate_dense(
 def check_stat_steps(
     spec: ModelSpec, steps: Sequence[np.ndarray], bounds: AlphaBounds, field: str
 ) -> None:
-    """Every BatchNorm-statistic entry of an update is at most the run's stat bound in size.
+    """Every entry of an update is at most its bound in size: ``stat-alpha-max`` for a
+    BatchNorm statistic, ``max-update-entry`` (``bounds.update``) for a parameter.
 
-    Only 1-bit payloads have an alpha to bound; k-bit and sparse updates carry raw values, so a
-    statistic's update is checked here (``steps[i]``: values whose sizes bound how far
-    ``spec.tensors[i]`` moves). Without it one client could send a log-variance update of
-    1e30 and ``w * exp(p * 1e30)`` would overflow the global model to inf.
+    k-bit and sparse updates carry raw values, so they are checked here (``steps[i]``: values
+    whose sizes bound how far ``spec.tensors[i]`` moves). Without it one client could send a
+    log-variance update of 1e30 (``w * exp(p * 1e30)`` overflows the global model to inf), or
+    move any parameter by up to 3.4e38.
     """
     for t, step in zip(spec, steps, strict=True):
-        hi = np.float32(bounds.for_tensor(t)[1])
-        if t.kind == "stat" and step.size and np.abs(step).max() > hi:
+        stat = t.kind == "stat"
+        hi = np.float32(bounds.stat[1] if stat else bounds.update)
+        if step.size and np.abs(step).max() > hi:
+            key = "stat-alpha-max" if stat else "max-update-entry"
             reason = (
                 f"|update|={float(np.abs(step).max()):.7g} is out of range "
-                f"(allowed: within [0, {float(hi):g}], the run's stat-alpha-max)"
+                f"(allowed: within [0, {float(hi):g}], the run's {key})"
             )
             raise PayloadError(t.name, field, reason)
 
@@ -169,7 +172,7 @@ class UpdateDecoded:
 def _decode_kbit(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
 ) -> UpdateDecoded:
-    """A k-bit update: |q| <= its tensor's scale, so a statistic's scale is what is bounded."""
+    """A k-bit update: |q| <= its tensor's scale, so the scale is what is bounded."""
     view = validate_kbit(payload, spec)
     check_stat_steps(spec, [s.reshape(1) for s in view.scales], bounds, "scales")
     return UpdateDecoded(spec, lambda acc, weight: accumulate_kbit(acc, view, weight))
@@ -178,7 +181,7 @@ def _decode_kbit(
 def _decode_sparse(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
 ) -> UpdateDecoded:
-    """A sparse update: its kept values are the update, so a statistic's values are bounded."""
+    """A sparse update: its kept values are the update, so they are what is bounded."""
     view = validate_sparse(payload, spec)
     check_stat_steps(spec, list(view.values), bounds, "values")
     return UpdateDecoded(spec, lambda acc, weight: accumulate_sparse(acc, view, weight))
@@ -187,12 +190,14 @@ def _decode_sparse(
 def _decode_signs_unbounded(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
 ) -> SignsDecoded:
-    """Signs whose parameter alpha comes from a rule (fixed, or ||p||_1/d), not FedBAT's clamp.
+    """Signs whose parameter alpha the client's data decides (EF-SignSGD: ||p||_1 / d).
 
     The run's [alpha-min, alpha-max] bounds FedBAT's learned alpha only; here a parameter alpha
-    must be finite and >= 0 (BatchNorm statistics keep the run's stat bounds).
+    lies within [0, max-update-entry] (BatchNorm statistics keep the run's stat bounds).
+    Fixed-step methods (SignSGD, Noisy-, Stoc-SignSGD) use ``signs`` with their exact alpha as
+    both bounds (``Method.step_bounds``).
     """
-    return _decode_signs(payload, spec, replace(bounds, param=(0.0, FLOAT32_MAX)))
+    return _decode_signs(payload, spec, replace(bounds, param=(0.0, bounds.update)))
 
 
 # Kinds whose Decoded is a SignsDecoded (sign bits + one alpha per tensor): what sign votes need.
@@ -201,7 +206,7 @@ SIGN_KINDS = ("signs", "signs-unbounded")
 register_codec("signs", _decode_signs)
 register_codec("signs-unbounded", _decode_signs_unbounded)
 register_codec("dense", validate_dense)
-# Their own validation covers every field; of the run's bounds only the stat bound applies.
+# Their own validation covers every field; the run's stat bound and max-update-entry apply.
 register_codec("kbit", _decode_kbit)
 register_codec("sparse", _decode_sparse)
 register_codec(

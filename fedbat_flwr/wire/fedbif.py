@@ -42,7 +42,7 @@ FedBiF server rule knows the frozen bits and alphas it combines them with.
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
@@ -299,8 +299,10 @@ def validate_fedbif_bits(
 ) -> FedBiFBits:
     """Check every field of an untrusted uplink against ``spec``; raise PayloadError if bad.
 
-    The other tensors' steps must lie within the run's stat bounds (they are mean |update| of
-    full-precision tensors, like BatchNorm statistics everywhere else).
+    The other tensors' steps are mean |update| of full-precision tensors: a statistic's lies
+    within the run's stat bounds (as for every kind), a parameter's (BatchNorm affine, 1-D
+    bias) within [0, max-update-entry], the bound of every data-sized parameter step (before,
+    these took the stat bound too: up to 20, where FedBAT's limit for them is alpha-max).
     """
     check_fields(payload, BITS_LAYOUT)
     header = payload["header"]
@@ -328,7 +330,7 @@ def validate_fedbif_bits(
             "alphas": payload["alphas"],
         },
         others,
-        AlphaBounds(param=bounds.stat, stat=bounds.stat),
+        replace(bounds, param=(0.0, bounds.update)),
     )
     return FedBiFBits(spec, bits, active, planes, signs)
 

@@ -168,18 +168,24 @@ def _positive(a: np.ndarray, t: TensorSpec, role: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AlphaBounds:
-    """Allowed alpha range per tensor kind: ``[lo, hi]``, inclusive.
+    """Allowed alpha range per tensor kind: ``[lo, hi]``, inclusive, and the per-entry cap
+    ``update`` of parameter steps whose size the client's data decides.
 
-    Trainable parameters use the method's [alpha-min, alpha-max]; BN running statistics get
-    their alpha from mean|delta| and use the wider ``stat`` range.
+    Trainable parameters use the method's [alpha-min, alpha-max] (FedBAT's learned alpha; a
+    fixed-step method's exact alpha); BN running statistics get their alpha from mean|delta|
+    and use the wider ``stat`` range. ``update`` (run-config ``max-update-entry``) bounds what
+    no rule fixes: EF-SignSGD's alpha, FedPAQ's scale, top-k's kept values, FedBiF's
+    full-precision parameters.
     """
 
     param: tuple[float, float] = (5e-4, 5e-2)
     stat: tuple[float, float] = (0.0, 20.0)  # the run defaults (config.RunConfig)
+    update: float = 5.0
 
     def __post_init__(self) -> None:
         for kind in _KINDS:
             object.__setattr__(self, kind, _checked_range(kind, getattr(self, kind)))
+        object.__setattr__(self, "update", _checked_range("update", (0.0, self.update))[1])
 
     def for_tensor(self, t: TensorSpec) -> tuple[float, float]:
         return self.stat if t.kind == "stat" else self.param
