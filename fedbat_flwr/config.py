@@ -18,6 +18,9 @@ DATASETS = ("fashion_mnist", "cifar10", "cifar100", "svhn", "custom")  # custom:
 PARTITIONERS = ("iid", "dirichlet", "shard")
 MODELS = ("auto", "cnn4", "resnet10")
 NUM_EXAMPLES_POLICIES = ("cap", "reject")
+BN_PAYLOADS = ("binary", "float16", "float32")
+VOTE_AGGREGATORS = ("majority", "sign-median")
+DOWNLINK_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)  # wire/downlink.py; 32 = the float32 model
 
 
 class ConfigError(ValueError):
@@ -48,6 +51,10 @@ class RunConfig:
     phi: float = 0.5
     alpha_min: float = 5e-4
     alpha_max: float = 5e-2
+    # How BatchNorm tensors travel for the 1-bit methods: 1 bit + alpha, or float updates.
+    bn_payload: str = "binary"
+    # Bits per conv / linear weight of the broadcast global model (32 = float32, no quantization).
+    downlink_bits: int = 32
     stat_alpha_max: float = 20.0  # a refit first-layer running_var moves ~e^-10.4 in round 1
     # Largest |entry| of a parameter update whose size the client's data decides (EF-SignSGD
     # alpha, FedPAQ scale, top-k value, FedBiF's BatchNorm affine); an honest CNN4 update on
@@ -90,6 +97,14 @@ class RunConfig:
         _check_range("alpha_max", self.alpha_max, lo=self.alpha_min)
         _check_range("stat_alpha_max", self.stat_alpha_max, lo=0.0, lo_open=True)
         _check_range("max_update_entry", self.max_update_entry, lo=0.0, lo_open=True)
+        _check_choice("bn_payload", self.bn_payload, BN_PAYLOADS)
+        _check_choice("downlink_bits", self.downlink_bits, DOWNLINK_BITS)
+        if self.bn_payload != "binary" and self.aggregator in VOTE_AGGREGATORS:
+            raise ConfigError(
+                f"run-config 'aggregator' = {self.aggregator!r} votes on sign bits and needs "
+                f"'bn-payload' = 'binary' (got {self.bn_payload!r}); allowed with float "
+                "BatchNorm: fedavg, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum"
+            )
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:

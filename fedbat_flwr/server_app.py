@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from .broadcast import Broadcast
 from .config import RunConfig
 from .data import load_test_set
 from .methods import get_method
@@ -79,6 +80,7 @@ def main(grid: Grid, context: Context) -> None:
         max_num_examples=config.max_num_examples,
         num_examples_policy=config.num_examples_policy,
         rule=rule,
+        broadcast=Broadcast(spec, config.downlink_bits, config.seed),
         fraction_train=config.fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=config.min_train_nodes,

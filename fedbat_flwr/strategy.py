@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import (
     Krum,
 )
 
+from .broadcast import Broadcast
 from .records import (
     arrays_to_record,
     payload_to_record,
@@ -143,6 +144,7 @@ class UplinkMixin:
         max_num_examples: int,
         rule: ServerRule | None = None,
         num_examples_policy: str = "cap",
+        broadcast: Broadcast | None = None,
         **strategy_kwargs: object,
     ) -> None:
         if num_examples_policy not in NUM_EXAMPLES_POLICIES:
@@ -157,7 +159,8 @@ class UplinkMixin:
         self.payload_kind = payload_kind
         self.bounds = bounds
         self.max_num_examples = max_num_examples
-        self.global_arrays: dict[str, np.ndarray] = {}
+        self.global_arrays: dict[str, np.ndarray] = {}  # the master weights
+        self.broadcast = broadcast or Broadcast(spec, bits=32, seed=0)
         self.rounds: dict[int, RoundStats] = {}
         # Rounds already done before this `start` (a resumed run): Flower counts from 1 again,
         # every hook here works in the run's own round numbers.
@@ -167,16 +170,22 @@ class UplinkMixin:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the global model the replies are updates of, and count the downlink."""
+        """Remember the master model the replies are updates of, send its downlink (the dense
+        model, a method's own payload, or a quantized copy: `downlink-bits`), count it."""
         server_round += self.round_offset
         stats = RoundStats()
         self.rounds[server_round] = stats
         self.global_arrays = record_to_arrays(arrays)
         if self.rule is not None:  # the method's own downlink payload instead of the dense model
-            arrays = payload_to_record(self.rule.downlink(self.global_arrays, server_round))
+            sent = payload_to_record(self.rule.downlink(self.global_arrays, server_round))
+        else:
+            sent = self.broadcast.encode(self.global_arrays, server_round) or arrays
+        # Flower's strategy sees the master (FedOpt keeps it); the messages carry `sent`.
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        for message in messages:
+            message.content[ARRAYS_KEY] = sent
         stats.num_sent = len(messages)
-        stats.downlink_bytes = wire_bytes(arrays) * len(messages)
+        stats.downlink_bytes = wire_bytes(sent) * len(messages)
         return messages
 
     def aggregate_train(
@@ -264,7 +273,7 @@ class UplinkMixin:
             decoded.accumulate(acc, a.num_examples / total)
             absolute = bool(getattr(decoded, "absolute", False))
         if absolute:  # replies carry weights (BiFL): the mean is the model
-            return arrays_to_record(acc)
+            return arrays_to_record(self.broadcast.rebase(acc, self.global_arrays))
         return arrays_to_record(self.spec.apply(self.global_arrays, acc))
 
     def _decode(self, record: ArrayRecord) -> Decoded:
@@ -306,7 +315,8 @@ class UplinkMixin:
         if a.decoded is None:
             arrays = a.message.content[ARRAYS_KEY]
         elif getattr(a.decoded, "absolute", False):
-            arrays = arrays_to_record(a.decoded.delta())  # type: ignore[union-attr]
+            weights = self.broadcast.rebase(a.decoded.delta(), self.global_arrays)  # type: ignore[union-attr]
+            arrays = arrays_to_record(weights)
         else:
             new = self.spec.apply(self.global_arrays, a.decoded.delta())  # type: ignore[union-attr]
             arrays = arrays_to_record(new)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import fnmatch
 import io
 import itertools
 import json
@@ -482,13 +483,20 @@ def run_suite(
     dry_run: bool = False,
     report_only: bool = False,
     fail_fast: bool = False,
+    only: Sequence[str] = (),
     out: TextIO = sys.stdout,
 ) -> int:
-    """Run every cell not done yet, then write the tables and plots; 1 if a cell failed."""
+    """Run every cell not done yet (of those whose run-name matches a glob of ``only``, if
+    given), then write the tables and plots; 1 if a cell failed."""
     runs_dir = out_dir / "runs"
     cells = expand(suite)
     status = {c.run_name: cell_status(c, runs_dir) for c in cells}
-    todo = [c for c in cells if status[c.run_name] != "done"]
+    todo = [
+        c
+        for c in cells
+        if status[c.run_name] != "done"
+        and (not only or any(fnmatch.fnmatchcase(c.run_name, g) for g in only))
+    ]
     _print_plan(suite, cells, status, out_dir, out, verbose=dry_run)
     if dry_run:
         return 0
@@ -631,6 +639,13 @@ def _parser() -> argparse.ArgumentParser:
         "--report-only", action="store_true", help="only write tables/plots from finished cells"
     )
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failed cell")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="run only cells whose run-name matches (repeatable), e.g. 'fedbat-*-s2*'",
+    )
     return parser
 
 
@@ -651,6 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dry_run=args.dry_run,
             report_only=args.report_only,
             fail_fast=args.fail_fast,
+            only=args.only,
         )
     except SuiteError as exc:
         print(f"fedbat-sweep: {exc}", file=sys.stderr)

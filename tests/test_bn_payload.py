@@ -100,14 +100,15 @@ def test_bad_mixed_payload_is_rejected_naming_the_field(case: str) -> None:
 
 
 def test_float_batchnorm_is_bounded_like_a_binary_statistic() -> None:
-    """|entry| <= stat-alpha-max for affine values too; a variance update stays a ratio > 0."""
+    """|entry| <= stat-alpha-max for a statistic, max-update-entry for an affine value (the
+    bounds of k-bit and sparse updates); a variance update stays a ratio > 0."""
     bits, alphas, dense = _parts(2)
     dense["bn.running_var"][:] = -20.0  # the largest allowed shrink
     decoded = decode_payload("signs", encode_mixed(SPEC, bits, alphas, dense, 32), SPEC, BOUNDS)
     weights = {t.name: np.full(t.shape, 1e-3, np.float32) for t in SPEC}
     assert (SPEC.apply(weights, decoded.delta())["bn.running_var"] > 0).all()
-    dense["bn.weight"][0] = 21.0
-    with pytest.raises(PayloadError, match="stat-alpha-max"):
+    dense["bn.weight"][0] = 5.5
+    with pytest.raises(PayloadError, match="max-update-entry"):
         validate_mixed(encode_mixed(SPEC, bits, alphas, dense, 32), SPEC, BOUNDS)
 
 

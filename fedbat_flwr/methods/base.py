@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..data import TensorData
 from ..server_rules import Evaluation, ServerRule
 from ..task import build_model_for, client_seed, load_state, model_spec
 from ..training import TensorBatches, default_device, prepare_model
 from ..wire import AlphaBounds, ModelSpec
+from ..wire.downlink import decode_downlink
 
 
 @dataclass
@@ -58,8 +59,16 @@ class Method(ABC):
 
     name: ClassVar[str]
     payload_kind: ClassVar[str]  # the wire codec the server decodes replies with
+    # True for methods whose server sends a downlink of its own (FedBiF, FedPM): `downlink-bits`
+    # quantizes the dense model broadcast, which they do not send.
+    own_downlink: ClassVar[bool] = False
 
     def __init__(self, config: RunConfig) -> None:
+        if self.own_downlink and config.downlink_bits != 32:
+            raise ConfigError(
+                f"run-config 'downlink-bits' = {config.downlink_bits} does not apply to method "
+                f"{self.name!r}, whose server sends its own downlink; allowed: 32"
+            )
         self.config = config
 
     @abstractmethod
@@ -106,10 +115,13 @@ class Method(ABC):
     ) -> dict[str, np.ndarray]:
         """The model state (every spec tensor) this client starts from, out of the downlink.
 
-        Default: the payload is the dense global model. A method with a `server_rule` decodes
-        its own downlink here (validating it: PayloadError); ``state`` is the client's memory,
-        for a downlink that only makes sense against what the client kept.
+        Default: the payload is the dense global model, or with `downlink-bits` < 32 its
+        quantized broadcast (validated: PayloadError). A method with a `server_rule` decodes
+        its own downlink here; ``state`` is the client's memory, for a downlink that only makes
+        sense against what the client kept.
         """
+        if self.config.downlink_bits != 32:
+            return decode_downlink(payload, spec)
         return dict(payload)
 
 

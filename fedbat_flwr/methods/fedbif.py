@@ -127,6 +127,7 @@ class FedBiF(Method):
 
     name = "fedbif"
     payload_kind = "fedbif-bits"
+    own_downlink = True
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)

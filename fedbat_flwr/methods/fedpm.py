@@ -133,6 +133,7 @@ class FedPM(Method):
 
     name = "fedpm"
     payload_kind = "fedpm-mask"
+    own_downlink = True
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)

@@ -16,7 +16,7 @@ import numpy as np
 from ..config import RunConfig
 from ..wire import AlphaBounds
 from .base import ClientUpdate, LocalTask, Method, register
-from .common import encode_param_signs, local_delta, option, train_plain
+from .common import encode_param_signs, local_delta, option, signed_params, train_plain
 
 
 @register
@@ -44,7 +44,7 @@ class NoisySignSGD(Method):
         loss = train_plain(task)
         delta = local_delta(task)
         rng = np.random.default_rng(task.seed)
-        params = [t for t in task.spec if t.kind == "param"]
+        params = signed_params(task)
         bits = {t.name: noisy_sign_bits(delta[t.name], self.sigma, rng) for t in params}
         alphas = {t.name: self.alpha for t in params}
         payload = encode_param_signs(task, bits, alphas)

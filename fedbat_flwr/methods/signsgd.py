@@ -18,7 +18,7 @@ from dataclasses import replace
 from ..config import ConfigError, RunConfig
 from ..wire import AlphaBounds
 from .base import ClientUpdate, LocalTask, Method, register
-from .common import encode_param_signs, local_delta, option, train_plain
+from .common import encode_param_signs, local_delta, option, signed_params, train_plain
 
 SIGN_AGGREGATIONS = ("mean", "majority")
 
@@ -59,7 +59,7 @@ class SignSGD(Method):
     def train(self, task: LocalTask) -> ClientUpdate:
         loss = train_plain(task)
         delta = local_delta(task)
-        params = [t for t in task.spec if t.kind == "param"]
+        params = signed_params(task)
         bits = {t.name: delta[t.name] >= 0 for t in params}
         alphas = {t.name: self.alpha for t in params}
         payload = encode_param_signs(task, bits, alphas)

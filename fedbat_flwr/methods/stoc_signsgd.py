@@ -17,7 +17,7 @@ import numpy as np
 from ..config import RunConfig
 from ..wire import AlphaBounds
 from .base import ClientUpdate, LocalTask, Method, register
-from .common import encode_param_signs, local_delta, option, train_plain
+from .common import encode_param_signs, local_delta, option, signed_params, train_plain
 
 
 @register
@@ -42,7 +42,7 @@ class StocSignSGD(Method):
         loss = train_plain(task)
         delta = local_delta(task)
         rng = np.random.default_rng(task.seed)
-        params = [t for t in task.spec if t.kind == "param"]
+        params = signed_params(task)
         bits = {t.name: stochastic_sign_bits(delta[t.name], rng) for t in params}
         alphas = {t.name: self.alpha for t in params}
         payload = encode_param_signs(task, bits, alphas)

@@ -17,6 +17,7 @@ from fedbat_flwr.wire.binary import BinaryWeightsDecoded, validate_binary_weight
 from fedbat_flwr.wire.errors import PayloadError
 from fedbat_flwr.wire.fields import dense_by_accumulating
 from fedbat_flwr.wire.kbit import accumulate_kbit, validate_kbit
+from fedbat_flwr.wire.mixed import accumulate_mixed, is_mixed, validate_mixed
 from fedbat_flwr.wire.signs import SignsPayload, accumulate_signs, decode_signs, validate_signs
 from fedbat_flwr.wire.sparse import accumulate_sparse, validate_sparse
 from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec
@@ -82,7 +83,11 @@ class SignsDecoded:
 
 def _decode_signs(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
-) -> SignsDecoded:
+) -> SignsDecoded | UpdateDecoded:
+    """All tensors 1-bit, or (``bn-payload`` float16 / float32) BatchNorm as floats."""
+    if is_mixed(payload):
+        view = validate_mixed(payload, spec, bounds)
+        return UpdateDecoded(spec, lambda acc, weight: accumulate_mixed(acc, view, weight))
     return SignsDecoded(validate_signs(payload, spec, bounds), bounds)
 
 
@@ -189,7 +194,7 @@ def _decode_sparse(
 
 def _decode_signs_unbounded(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
-) -> SignsDecoded:
+) -> SignsDecoded | UpdateDecoded:
     """Signs whose parameter alpha the client's data decides (EF-SignSGD: ||p||_1 / d).
 
     The run's [alpha-min, alpha-max] bounds FedBAT's learned alpha only; here a parameter alpha

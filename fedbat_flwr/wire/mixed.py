@@ -17,9 +17,9 @@ dense    float16/32     (D,)   every other tensor's update in its domain (``Mode
                                ``running_var`` as log(new / old)), spec order, concatenated
 ======== ============== ====== ============================================================
 
-Bounds: every ``dense`` entry is finite and at most the run's stat bound (``stat-alpha-max``) in
-size, whether an affine value or a statistic, so one reply moves a BatchNorm entry no further than
-a 1-bit statistic could. A ``running_var`` is updated as ``w * exp(delta)`` and stays > 0.
+Bounds: every ``dense`` entry is finite and at most ``max-update-entry`` in size for an affine
+value, ``stat-alpha-max`` for a statistic (the bounds a k-bit or sparse update of the same tensor
+meets). A ``running_var`` is updated as ``w * exp(delta)`` and stays > 0.
 """
 
 from __future__ import annotations
@@ -125,15 +125,17 @@ def validate_mixed(
     dense = payload["dense"]
     check_length(dense, full.num_params, "dense", "the float tensors' sizes")
     values = read_only_copy(dense.astype(np.float32))
-    hi = np.float32(bounds.stat[1])
     pieces = split_by(values, [t.size for t in full])
     for t, v in zip(full, pieces, strict=True):
         if not np.isfinite(v).all():
             raise PayloadError(t.name, "dense", f"non-finite values (allowed: finite float{width})")
+        stat = t.kind == "stat"
+        hi = np.float32(bounds.stat[1] if stat else bounds.update)
         if v.size and np.abs(v).max() > hi:
+            key = "stat-alpha-max" if stat else "max-update-entry"
             reason = (
                 f"|update|={float(np.abs(v).max()):.7g} is out of range "
-                f"(allowed: within [0, {float(hi):g}], the run's stat-alpha-max)"
+                f"(allowed: within [0, {float(hi):g}], the run's {key})"
             )
             raise PayloadError(t.name, "dense", reason)
     return MixedPayload(spec, signs, dict(zip(full.names, pieces, strict=True)))
