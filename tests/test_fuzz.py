@@ -1,25 +1,30 @@
 """Fuzzing the server's door: mutated replies of every payload kind among valid ones.
 
-Each case builds 1-3 valid replies of one payload kind, mutates one more reply (its payload
-arrays, their encoding, the header, pad bits, float values, `num-examples`, metrics or the
-message itself) and feeds them all through `build_strategy(...).aggregate_train`. Whatever the
+Each case builds 1-3 valid replies of one payload kind (FedBiF's and FedPM's with their server
+rules too), mutates one more reply (its payload arrays, their encoding, declared shapes of any
+rank and size, the `.npy` header text, the header, pad bits, float values, `num-examples`,
+metrics, the message itself, or a second reply of a node) and feeds them all through
+`build_strategy(...).aggregate_train` with one of the aggregators the kind allows. Whatever the
 mutation:
 
 - no exception escapes, and the new global model is finite;
 - an invalid mutant is rejected (counted in `num_rejected`) and the model is bit for bit the
   one the valid replies make alone, as if the mutant's client had not been sampled;
 - a valid mutant (an alternative encoding, a capped `num-examples`, a value at its bound) is
-  accepted, and where it has a canonical equivalent the model equals the one that makes.
+  accepted, and where it has a canonical equivalent the model equals the one that makes;
+- every accepted reply moves each entry within its documented bound (`payloads.step_bound`).
 
-CI runs 2,000 cases split over four tests (explicit `max_examples`). The `slow` test draws
-from every family with the active hypothesis profile: `HYPOTHESIS_PROFILE=long pytest -m slow
-tests/test_fuzz.py` runs 25,000.
+CI runs 2,000 cases split over five tests (explicit `max_examples`). The `slow` test draws from
+every family with the active profile: `FEDBAT_FUZZ_PROFILE=long pytest -m slow
+tests/test_fuzz.py` runs 25,000 and, with `FEDBAT_FUZZ_REPORT=<file.json>`, writes its figures.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,11 +34,22 @@ from flwr.app import Array, Message, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedbat_flwr.records import arrays_to_record, payload_to_record, record_to_arrays
+from fedbat_flwr.records import (
+    arrays_to_record,
+    payload_to_record,
+    record_to_arrays,
+    record_to_payload,
+)
+from fedbat_flwr.wire import decode_payload
 from tests.payloads import (
+    ALL_KINDS,
+    BOUNDS,
     CAP,
     KINDS,
+    PAYLOAD_KIND,
+    RULE_KINDS,
     SIGN_KINDS,
+    SPEC,
     float_fields,
     make_strategy,
     pad_bits,
@@ -45,14 +61,22 @@ from tests.payloads import (
 from tests.strategy_helpers import _metadata, error_reply, reply
 
 settings.register_profile("long", max_examples=25_000, deadline=None)
-if os.environ.get("HYPOTHESIS_PROFILE"):
-    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
+PROFILE = os.environ.get("FEDBAT_FUZZ_PROFILE") or os.environ.get("HYPOTHESIS_PROFILE")
+if PROFILE:
+    settings.load_profile(PROFILE)
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-AGGREGATORS = {kind: ("fedavg", "fedmedian") for kind in KINDS} | {
-    kind: ("fedavg", "majority", "sign-median", "fedmedian") for kind in SIGN_KINDS
-}
+FLOWER = ("fedavg", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+AGGREGATORS = (
+    {kind: FLOWER for kind in KINDS}
+    | {kind: (*FLOWER, "majority", "sign-median") for kind in SIGN_KINDS}
+    | {kind: ("fedavg",) for kind in RULE_KINDS}  # a ServerRule replaces the aggregation
+)
+# What the cases saw (the long profile's report): cases, accepted / rejected mutants, and per
+# kind the largest |change| / documented bound of any accepted reply.
+FIGURES: Counter[str] = Counter()
+WORST: dict[str, float] = {}
 DTYPES = ("uint8", "int8", "uint16", "int32", "int64", "float16", "float32", "float64")
 
 
@@ -60,7 +84,7 @@ DTYPES = ("uint8", "int8", "uint16", "int32", "int64", "float16", "float32", "fl
 class Mutant:
     """One mutated reply; `valid` says whether the server must accept it."""
 
-    message: Message
+    message: Message | None  # None: the first valid reply, delivered a second time
     valid: bool
     equivalent: Message | None = None  # a reply that must give the same model, if any
 
@@ -148,7 +172,8 @@ def values(data: st.DataObject, kind: str, payload: Payload, policy: str) -> Mut
 
 def encoding(data: st.DataObject, kind: str, payload: Payload, policy: str) -> Mutant:
     """Header bytes, pad bits and the Flower Arrays themselves: forged or just re-encoded."""
-    ops = ["npy-garbage", "npy-huge-shape", "raw-shape-lie", "stype", "other-encoding"]
+    ops = ["npy-garbage", "npy-huge-shape", "npy-text", "raw-shape-lie", "stype", "other-encoding"]
+    ops += ["fortran"] if any(v.ndim >= 2 and v.size > 1 for v in payload.values()) else []
     if kind != "dense":
         ops.append("header")
     if pad_bits(kind, payload):
@@ -169,6 +194,11 @@ def encoding(data: st.DataObject, kind: str, payload: Payload, policy: str) -> M
     if op == "other-encoding":  # raw <-> .npy: both are valid encodings of the same arrays
         other = payload_to_record(payload) if kind == "dense" else arrays_to_record(payload)
         return Mutant(reply(99, other, 7), valid=True, equivalent=_reply(kind, payload))
+    if op == "fortran":  # a .npy array in Fortran order is the same array
+        key = data.draw(st.sampled_from(sorted(k for k, v in payload.items() if v.ndim >= 2)))
+        record = to_record(kind, payload)
+        record[key] = Array(np.asfortranarray(payload[key]))
+        return Mutant(reply(99, record, 7), valid=True, equivalent=_reply(kind, payload))
     record = to_record(kind, payload)
     value = payload[key]
     if op == "npy-garbage":
@@ -181,10 +211,10 @@ def encoding(data: st.DataObject, kind: str, payload: Payload, policy: str) -> M
             header, {"descr": value.dtype.str, "fortran_order": False, "shape": (10**12,)}
         )
         forged = Array(value.dtype.name, value.shape, "numpy.ndarray", header.getvalue() + b"\0")
+    elif op == "npy-text":
+        forged = Array(value.dtype.name, value.shape, "numpy.ndarray", npy_text(data, value))
     elif op == "raw-shape-lie":
-        lie = data.draw(st.sampled_from([(value.size + 1,), (10**12,), (-1,), (0,)]))
-        if lie == (0,) and value.size == 0:
-            lie = (1,)
+        lie = data.draw(shape_lies(value), label="shape")
         forged = Array(value.dtype.name, lie, "raw", np.ascontiguousarray(value).tobytes())
     else:
         forged = Array(
@@ -192,6 +222,73 @@ def encoding(data: st.DataObject, kind: str, payload: Payload, policy: str) -> M
         )
     record[key] = forged
     return Mutant(reply(99, record, 7), valid=False)
+
+
+def shape_lies(value: np.ndarray) -> st.SearchStrategy[tuple[int, ...]]:
+    """Declared shapes other than the array's: one more entry, any rank (up to 70 dimensions,
+    numpy's limit is 64), huge dimensions next to a zero, the same entries in another rank."""
+    n = value.size
+    fixed = [(n + 1,), (10**12,), (-1,), (0,), (0, 2**40, 2**40), (0, 2**63 - 1, 2), (1,) * 65]
+    fixed += [(1,) * 9, (n, 1), (1, n), (1,) * 3 + (n,), (n, 1, 1, 1, 1)]
+    dims = st.lists(st.integers(0, 2**64), min_size=0, max_size=70).map(tuple)
+    return st.one_of(st.sampled_from(fixed), dims).filter(lambda s: s != value.shape)
+
+
+HEADER_TEXTS = (
+    b"{'descr': '<f4', 'fortran_order': False, 'shape': (1,), ",  # unterminated
+    b"{'descr': (), 'fortran_order': False, 'shape': (1,), }",
+    b"{'descr': ('<f4',), 'fortran_order': False, 'shape': (1,), }",
+    b"{1: '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (1,), }",
+    b"{(1, []): 0, 'descr': '<f4', 'fortran_order': False, 'shape': (1,), }",
+    b"{'descr': '<f4', 'fortran_order': False, 'shape': (0, 1099511627776, 1099511627776), }",
+    b"{'descr': '<f4', 'fortran_order': False, 'shape': (" + b"1, " * 64 + b"1), }",
+    b"{'descr': '<f4', 'fortran_order': 0, 'shape': [1], }",
+    b"{'descr': '<f4', 'fortran_order': False, 'shape': (" + b"9" * 5000 + b",), }",
+    b"{'x': " + b"[" * 3000 + b"]" * 3000 + b"}",
+    b"{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }",
+    b"{'descr': 'O', 'fortran_order': False, 'shape': (1,), }",
+)
+
+
+def npy_text(data: st.DataObject, value: np.ndarray) -> bytes:
+    """The `.npy` encoding of `value` with its header text changed: bytes replaced, inserted or
+    deleted, the declared header length changed, the shape of another rank (same entries), or
+    a text numpy's own reader raises on. Every change is invalid (the header must be exactly
+    what `np.save` writes for the declared array)."""
+    blob = Array(np.ascontiguousarray(value)).data
+    length = int.from_bytes(blob[8:10], "little")
+    op = data.draw(st.sampled_from(("replace", "insert", "delete", "length", "rank", "text")))
+    i = data.draw(st.integers(10, 10 + length - 1), label="at")
+    if op == "replace":
+        new = data.draw(st.integers(0, 255).filter(lambda b: b != blob[i]), label="byte")
+        return blob[:i] + bytes([new]) + blob[i + 1 :]
+    if op == "insert":
+        return blob[:i] + bytes([data.draw(st.integers(0, 255), label="byte")]) + blob[i:]
+    if op == "delete":
+        return blob[:i] + blob[i + 1 :]
+    if op == "length":
+        new = data.draw(st.integers(0, 2**16 - 1).filter(lambda n: n != length), label="len")
+        return blob[:8] + new.to_bytes(2, "little") + blob[10:]
+    if op == "rank":
+        shape = data.draw(st.sampled_from([(value.size, 1), (1, *value.shape), (1,) * 9]))
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": value.dtype.str, "fortran_order": False, "shape": shape}
+        )
+        return header.getvalue() + blob[10 + length :]
+    text = data.draw(st.sampled_from(HEADER_TEXTS), label="text")
+    text += b" " * (-(len(text) + 11) % 64) + b"\n"
+    version = data.draw(st.sampled_from([b"\x01\x00", b"\x02\x00"]), label="version")
+    size = len(text).to_bytes(2 if version == b"\x01\x00" else 4, "little")
+    return b"\x93NUMPY" + version + size + text + blob[10 + length :]
+
+
+def duplicate(data: st.DataObject, kind: str, payload: Payload, policy: str) -> Mutant:
+    """A second reply of node 1 (whose reply comes first): the same message again, or another
+    valid payload. Either way rejected; the model is the one the first reply makes."""
+    if data.draw(st.booleans(), label="same message"):
+        return Mutant(None, valid=False)
+    return Mutant(reply(1, to_record(kind, payload), 7), valid=False)
 
 
 NUM_EXAMPLES = (0, -1, -(10**12), 2.5, 10.0, float("nan"), "bool", "missing", 1, CAP, CAP + 1)
@@ -241,6 +338,7 @@ FAMILIES: dict[str, Family] = {
     "values": values,
     "encoding": encoding,
     "reply": reply_fields,
+    "duplicate": duplicate,
 }
 
 
@@ -259,8 +357,30 @@ def _assert_same(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) ->
         np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
+def _bounded_change(kind: str, message: Message) -> None:
+    """An accepted reply moves every entry within its documented bound (`step_bound`): what
+    one client can do to the model, whatever else it sent. Weights (dense, BiFL) are finite."""
+    payload = record_to_payload(message.content["arrays"])
+    decoded = decode_payload(PAYLOAD_KIND.get(kind, kind), payload, SPEC, BOUNDS)
+    delta = decoded.delta()
+    for t in SPEC:
+        change = np.abs(delta[t.name].astype(np.float64))
+        assert np.isfinite(change).all(), t.name
+        if kind == "fedbif-bits" and t.name in decoded.view.planes:
+            bound = float(sum(1 << i for i in decoded.view.active))  # sum of the active 2^i
+        elif kind in ("fedpm-mask", "fedpm-coded") and t.name in decoded.view.masks:
+            bound = 1.0  # a mask entry: 0 or 1
+        else:
+            bound = step_bound(kind, "", t)
+        if not np.isfinite(bound) or not change.size:
+            continue
+        worst = float(change.max()) / float(np.float32(bound))
+        assert worst <= 1.0, f"{kind} {t.name}: |change| {change.max()} > bound {bound}"
+        WORST[kind] = max(WORST.get(kind, 0.0), worst)
+
+
 def check(data: st.DataObject, family: Family) -> None:
-    kind = data.draw(st.sampled_from(KINDS), label="kind")
+    kind = data.draw(st.sampled_from(ALL_KINDS), label="kind")
     aggregator = data.draw(st.sampled_from(AGGREGATORS[kind]), label="aggregator")
     policy = data.draw(st.sampled_from(("cap", "reject")), label="policy")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
@@ -270,49 +390,79 @@ def check(data: st.DataObject, family: Family) -> None:
         for i in range(num_valid)
     ]
     mutant = family(data, kind, valid_payload(kind, rng), policy)
-    at = data.draw(st.integers(0, num_valid), label="position")
+    message = valid[0] if mutant.message is None else mutant.message
+    # A second reply of node 1 comes after its first; any other mutant anywhere.
+    at = data.draw(st.integers(1 if family is duplicate else 0, num_valid), label="position")
 
-    stats, new = _aggregate(kind, aggregator, policy, [*valid[:at], mutant.message, *valid[at:]])
+    stats, new = _aggregate(kind, aggregator, policy, [*valid[:at], message, *valid[at:]])
 
+    FIGURES["cases"] += 1
+    FIGURES[f"kind {kind}"] += 1
+    FIGURES[f"aggregator {aggregator}"] += 1
     assert stats.num_replies + stats.num_rejected == num_valid + 1
     assert all(np.isfinite(v).all() for v in new.values()), "non-finite global model"
+    for honest in valid:
+        _bounded_change(kind, honest)
+        FIGURES["accepted replies within their bound"] += 1
     if not mutant.valid:
         assert stats.num_rejected == 1, "an invalid reply was accepted"
         _assert_same(new, _aggregate(kind, aggregator, policy, valid)[1])
+        FIGURES["invalid mutants rejected"] += 1
         return
     assert stats.num_rejected == 0, "a valid reply was rejected"
+    _bounded_change(kind, message)
+    FIGURES["accepted replies within their bound"] += 1
+    FIGURES["valid mutants accepted"] += 1
     if mutant.equivalent is not None:
         replies = [*valid[:at], mutant.equivalent, *valid[at:]]
         _assert_same(new, _aggregate(kind, aggregator, policy, replies)[1])
 
 
-@settings(FUZZ, max_examples=500)
+@settings(FUZZ, max_examples=450)
 @given(data=st.data())
 def test_fuzz_payload_structure(data: st.DataObject) -> None:
     check(data, structure)
 
 
-@settings(FUZZ, max_examples=600)
+@settings(FUZZ, max_examples=550)
 @given(data=st.data())
 def test_fuzz_float_values(data: st.DataObject) -> None:
     check(data, values)
 
 
-@settings(FUZZ, max_examples=500)
+@settings(FUZZ, max_examples=550)
 @given(data=st.data())
-def test_fuzz_encoding_header_pad_bits(data: st.DataObject) -> None:
+def test_fuzz_encoding_shapes_npy_text_header_pad_bits(data: st.DataObject) -> None:
     check(data, encoding)
 
 
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=300)
 @given(data=st.data())
 def test_fuzz_num_examples_metrics_errors(data: st.DataObject) -> None:
     check(data, reply_fields)
+
+
+@settings(FUZZ, max_examples=150)
+@given(data=st.data())
+def test_fuzz_second_reply_of_a_node(data: st.DataObject) -> None:
+    check(data, duplicate)
 
 
 @pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_fuzz_long(data: st.DataObject) -> None:
-    """Every family, as many cases as the active profile asks (`HYPOTHESIS_PROFILE=long`)."""
+    """Every family, as many cases as the active profile asks (`FEDBAT_FUZZ_PROFILE=long`)."""
     check(data, FAMILIES[data.draw(st.sampled_from(sorted(FAMILIES)), label="family")])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    """With `FEDBAT_FUZZ_REPORT`, write what the module's cases saw as JSON when it ends."""
+    yield
+    path = os.environ.get("FEDBAT_FUZZ_REPORT")
+    if path:
+        figures = dict(FIGURES) | {"profile": PROFILE or "default"}
+        figures["largest |change| / bound by kind"] = dict(sorted(WORST.items()))
+        with open(path, "w") as out:
+            json.dump(figures, out, indent=1, sort_keys=True)
