@@ -101,7 +101,7 @@ def build_with_buffer(*, in_channels: int, num_classes: int, image_size: int) ->
 
 
 @pytest.mark.e2e
-def test_own_model_and_data_train_a_round_in_simulation(tmp_path: Path):
+def test_own_model_and_data_train_a_round_in_simulation(superlink: LocalSuperLink, tmp_path: Path):
     data = make_custom(tmp_path / "data", train=60, test=30)
     config = {
         "dataset": "custom",
@@ -115,8 +115,7 @@ def test_own_model_and_data_train_a_round_in_simulation(tmp_path: Path):
         "run-name": "mlp",
     }
     lines: list[str] = []
-    with LocalSuperLink() as link:
-        code = link.run(config, num_supernodes=2, on_line=lines.append, timeout=600)
+    code = superlink.run(config, num_supernodes=2, on_line=lines.append, timeout=600)
     assert code == 0, "\n".join(lines[-30:])
     rows = [json.loads(x) for x in (tmp_path / "out/mlp/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1, lines[-30:]

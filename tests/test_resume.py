@@ -68,8 +68,9 @@ def test_resume_refuses_a_different_experiment(tmp_path: Path):
 
 
 @pytest.mark.e2e
-def test_killed_run_resumes_with_the_same_first_rounds(tmp_path: Path):
-    """Kill the whole simulation (by PID) after round 2 of 4; resume; rounds 1-2 are kept."""
+def test_killed_run_resumes_with_the_same_first_rounds(superlink: LocalSuperLink, tmp_path: Path):
+    """Kill the whole simulation (by PID) after round 2 of 4 on a SuperLink of its own; resume
+    on the session's SuperLink; rounds 1-2 are kept."""
     config = {
         "num-server-rounds": 4,
         "max-examples-per-client": 300,
@@ -97,10 +98,9 @@ def test_killed_run_resumes_with_the_same_first_rounds(tmp_path: Path):
     assert not (run_dir / "summary.json").exists()
 
     lines: list[str] = []
-    with LocalSuperLink() as second:
-        code = second.run(
-            {**config, "resume-from": str(run_dir)}, num_supernodes=3, on_line=lines.append
-        )
+    code = superlink.run(
+        {**config, "resume-from": str(run_dir)}, num_supernodes=3, on_line=lines.append
+    )
     assert code == 0, "\n".join(lines[-30:])
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2, 3, 4]

@@ -1,5 +1,6 @@
-"""End to end through Flower's simulation runtime: FedBiF and FedPM, whose servers have their own
-downlink and aggregation (server rules), measured on the wire both ways."""
+"""End to end through Flower's simulation runtime (the session's SuperLink, tests/conftest.py):
+FedBiF and FedPM, whose servers have their own downlink and aggregation (server rules), measured
+on the wire both ways, two rounds each, so that round 2 trains from the first aggregate."""
 
 from __future__ import annotations
 
@@ -21,12 +22,6 @@ RUN_CONFIG = {
     "max-test-examples": 500,
     "local-epochs": 1,
 }
-
-
-@pytest.fixture(scope="module")
-def superlink():
-    with LocalSuperLink() as link:
-        yield link
 
 
 def run(link: LocalSuperLink, tmp_path: Path, name: str, **extra: object) -> list[dict]:
