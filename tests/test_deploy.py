@@ -1,7 +1,9 @@
 """Flower's Deployment Engine: a real SuperLink and real SuperNodes on loopback, and docker/.
 
-Each e2e test starts its own processes (private Flower home, free ports), runs FedBAT briefly,
-and checks both the results contract and that every process it started is gone afterwards.
+The e2e tests share one deployment with TLS and SuperNode authentication (private Flower home,
+free ports): an unregistered node is refused, then FedBAT runs three rounds while a node is
+killed; the results contract holds and every process started is gone afterwards. A plain-HTTP
+deployment differs only in flags (`--insecure`), checked statically below like compose.yaml's.
 Docker cannot run here, so docker/ is checked statically: the compose file parses, its
 Dockerfiles exist, every flag it passes exists in the installed Flower binaries (and is the
 flag scripts/deploy_local.py uses), and every image pins the installed flwr version.
@@ -34,34 +36,31 @@ from fedbat_flwr.results import METRIC_KEYS, SUMMARY_KEYS
 
 NUM_NODES = 3
 SHORT_RUN = {
-    "num-server-rounds": 2,
-    "max-examples-per-client": 300,
-    "max-test-examples": 1000,
+    "num-server-rounds": 3,
+    "max-examples-per-client": 100,
+    "max-test-examples": 500,
     "local-epochs": 1,
 }
 
 
-@pytest.fixture
-def deployments() -> Iterator[list[LocalDeployment]]:
-    """Deployments a test starts; stopped afterwards, and no process of theirs may survive."""
-    started: list[LocalDeployment] = []
-    yield started
-    for deployment in started:
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
+    """One deployment for the e2e tests below: TLS, SuperNode authentication, three nodes.
+
+    Starting a SuperLink and SuperNodes, and each run's ServerApp and ClientApps, is most of
+    what a short run costs, so the TLS checks and the killed-node run share it. Afterwards no
+    process it started may survive.
+    """
+    logs = tmp_path_factory.mktemp("deploy") / "logs"
+    deployment = LocalDeployment(NUM_NODES, log_dir=logs, tls=True, auth=True)
+    try:
+        deployment.start()
+        yield deployment
+    finally:
         pids = deployment.pids()
         deployment.stop()
-        assert all_gone(pids), f"processes left behind: {[p for p in pids if not all_gone([p])]}"
-        assert deployment.pids() == []
-
-
-def run_and_read(
-    deployment: LocalDeployment, config: dict[str, Any], run_dir: Path
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    lines: list[str] = []
-    code = deployment.run(config, on_line=lines.append, timeout=600)
-    assert code == 0, "\n".join(lines[-40:])
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return rows, summary
+    assert all_gone(pids), f"processes left behind: {[p for p in pids if not all_gone([p])]}"
+    assert deployment.pids() == []
 
 
 def check_contract(rows: list[dict[str, Any]], summary: dict[str, Any], rounds: int) -> None:
@@ -82,29 +81,9 @@ def trained_rounds(log: Path) -> int:
 
 
 @pytest.mark.e2e
-def test_deployment_trains_fedbat_on_real_supernodes(
-    deployments: list[LocalDeployment], tmp_path: Path
-) -> None:
-    deployment = LocalDeployment(NUM_NODES, log_dir=tmp_path / "logs")
-    deployments.append(deployment)
-    deployment.start()
-
-    config = {**SHORT_RUN, "output-dir": str(tmp_path), "run-name": "deploy"}
-    rows, summary = run_and_read(deployment, config, tmp_path / "deploy")
-
-    check_contract(rows, summary, rounds=2)
-    assert all(r["num_replies"] == NUM_NODES and r["num_rejected"] == 0 for r in rows)
-    for node in deployment.nodes.values():
-        assert trained_rounds(node.log_path) == 2, node.log_path.read_text()[-2000:]
-
-
-@pytest.mark.e2e
 def test_tls_and_node_authentication_refuse_an_unregistered_node(
-    deployments: list[LocalDeployment], tmp_path: Path
+    deployment: LocalDeployment,
 ) -> None:
-    deployment = LocalDeployment(NUM_NODES, log_dir=tmp_path / "logs", tls=True, auth=True)
-    deployments.append(deployment)
-    deployment.start()
     with pytest.raises(httpx.HTTPError):  # no plain HTTP on the SuperLink's port
         httpx.get(f"http://{deployment.address}/health", timeout=5)
 
@@ -114,50 +93,48 @@ def test_tls_and_node_authentication_refuse_an_unregistered_node(
     superlink_log = (deployment.log_dir / "superlink.log").read_text()
     assert "No SuperNode found with the given public key" in superlink_log
     assert "Uvicorn running on https://" in superlink_log
-
-    config = {**SHORT_RUN, "output-dir": str(tmp_path), "run-name": "deploy-tls"}
-    rows, summary = run_and_read(deployment, config, tmp_path / "deploy-tls")
-
-    check_contract(rows, summary, rounds=2)
-    assert all(r["num_replies"] == NUM_NODES and r["num_rejected"] == 0 for r in rows)
-    for node in deployment.nodes.values():
-        assert trained_rounds(node.log_path) == 2
+    assert deployment.online_nodes() == NUM_NODES, "the registered nodes are in"
 
 
 @pytest.mark.e2e
-def test_a_supernode_killed_mid_run_does_not_stop_the_run(
-    deployments: list[LocalDeployment], tmp_path: Path
+def test_fedbat_trains_on_real_supernodes_and_survives_a_killed_one(
+    deployment: LocalDeployment, tmp_path: Path
 ) -> None:
-    deployment = LocalDeployment(NUM_NODES, log_dir=tmp_path / "logs")
-    deployments.append(deployment)
-    deployment.start()
+    """Three rounds over TLS on authenticated SuperNodes; one is SIGKILLed as round 2 starts."""
     victim = NUM_NODES - 1
+    survivors = [node for pid, node in deployment.nodes.items() if pid != victim]
+    before = {node.partition_id: trained_rounds(node.log_path) for node in survivors}
+
+    lines: list[str] = []
 
     def kill_at_round_two(line: str) -> None:
+        lines.append(line)
         if "[ROUND 2/" in line and victim in deployment.nodes:
             deployment.kill_node(victim)  # SIGKILL of its whole tree, like a crash
 
     config = {
         **SHORT_RUN,
-        "num-server-rounds": 3,
         "fraction-train": 1.0,
         "min-train-nodes": 2,
         "output-dir": str(tmp_path),
         "run-name": "deploy-kill",
     }
     code = deployment.run(config, on_line=kill_at_round_two, timeout=600)
-    assert code == 0
+    assert code == 0, "\n".join(lines[-40:])
     run_dir = tmp_path / "deploy-kill"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
 
     check_contract(rows, summary, rounds=3)
     assert victim not in deployment.nodes
-    assert rows[0]["num_replies"] == NUM_NODES
+    assert rows[0]["num_replies"] == NUM_NODES and rows[0]["num_rejected"] == 0
     # Round 2 was sent to the dead node too: its reply is a "Node Unavailable" error once its
     # heartbeat expires; round 3 samples the two nodes still online.
     assert [r["num_replies"] for r in rows[1:]] == [NUM_NODES - 1] * 2
     assert all(r["model_updated"] for r in rows)
+    for node in survivors:  # every round of this run ran on each surviving SuperNode
+        trained = trained_rounds(node.log_path) - before[node.partition_id]
+        assert trained == 3, node.log_path.read_text()[-2000:]
 
 
 # -- docker/ (static: no Docker engine on this machine) --------------------------------------
