@@ -1,11 +1,11 @@
 """Issue 6: a ClientApp that raises or hangs is a failed reply, and the round goes on without it.
 
-Real simulation runs (`flwr run` on a SuperLink we own, 4 SuperNodes, 2 rounds, small data)
-with the ClientApp's test hook (`client_app.inject_fault`) making partition 1 fail:
+Real simulation runs (`flwr run` on the session's SuperLink, 4 SuperNodes, small data) with the
+ClientApp's test hook (`client_app.inject_fault`) making partition 1 fail:
 
-- "raise": Flower sends the server an error reply, which is rejected;
-- "hang": the ClientApp sleeps 1.5 x `round-timeout`, so the server stops waiting at the
-  timeout (`strategy.start(timeout=...)`) and aggregates the three replies it has.
+- "raise", every round: Flower sends the server an error reply, which is rejected;
+- "hang", in round 4: the ClientApp sleeps 1.5 x `round-timeout`, so the server stops waiting
+  at the timeout (`strategy.start(timeout=...)`) and aggregates the three replies it has.
 
 Either way the round's results row says `num_replies` 3, `num_rejected` 1, model updated.
 """
@@ -18,30 +18,25 @@ from typing import Any
 
 import pytest
 
-from fedbat_flwr.localrun import LocalSuperLink, _alive, descendants
+from fedbat_flwr.localrun import LocalSuperLink
 
 pytestmark = pytest.mark.e2e
 
 RUN_CONFIG = {
     "num-server-rounds": 2,
-    "max-examples-per-client": 200,
-    "max-test-examples": 500,
+    "max-examples-per-client": 64,
+    "max-test-examples": 200,
     "local-epochs": 1,
     "fault-partition": 1,
 }
-# Long enough for the three healthy ClientApps to start and train one after another on a
-# loaded 2-core machine; the hung one sleeps 1.5x this.
-HANG_ROUND_TIMEOUT = 60
-
-
-@pytest.fixture(scope="module")
-def superlink():
-    link = LocalSuperLink()
-    link.start()
-    tree = [link.process.pid, *descendants(link.process.pid)]
-    yield link
-    link.stop()
-    assert not [pid for pid in tree if _alive(pid)], "the SuperLink left processes behind"
+# The server waits this long in the round the ClientApp hangs (it sleeps 1.5x this). Every
+# round has this bound: round 1's ClientApps start cold (Ray, torch), which on a busy 2-core
+# machine takes longer, and replies that come too late still occupy the two ClientApp actors
+# in the next round (measured 2026-12-02, AMD EPYC, 2 cores, load ~7: round 1 lost all four
+# replies to a 30 s bound, round 2 took 19 s, warm rounds 1 s). The hang is in round 4: by
+# then three rounds' time has cleared any such backlog, and three warm trainings take seconds.
+HANG_ROUND_TIMEOUT = 20
+HANG_ROUND = 4
 
 
 def _run(link: LocalSuperLink, out: Path, name: str, **overrides: Any) -> list[dict]:
@@ -75,11 +70,17 @@ def test_a_clientapp_that_hangs_misses_the_round_timeout(superlink: LocalSuperLi
         tmp_path,
         "fault-hang",
         federation={"client-resources-num-cpus": 1},  # two ClientApps at once: one may hang
-        **{"fault-kind": "hang", "fault-round": 1, "round-timeout": HANG_ROUND_TIMEOUT},
+        **{
+            "fault-kind": "hang",
+            "fault-round": HANG_ROUND,
+            "num-server-rounds": HANG_ROUND + 1,
+            "round-timeout": HANG_ROUND_TIMEOUT,
+        },
     )
-    first, second = rows
-    assert (first["num_replies"], first["num_rejected"]) == (3, 1), first
-    assert first["model_updated"] is True
-    assert first["round_seconds"] >= HANG_ROUND_TIMEOUT - 1, "the server waited for the timeout"
-    # The hung ClientApp wakes up during round 2 and may or may not answer it in time.
-    assert second["num_replies"] >= 3 and second["model_updated"] is True, second
+    assert [r["round"] for r in rows] == list(range(1, HANG_ROUND + 2))
+    hung, after = rows[HANG_ROUND - 1], rows[HANG_ROUND]
+    assert (hung["num_replies"], hung["num_rejected"]) == (3, 1), hung
+    assert hung["model_updated"] is True
+    assert hung["round_seconds"] >= HANG_ROUND_TIMEOUT - 1, "the server waited for the timeout"
+    # The hung ClientApp wakes up during the next round and may or may not answer it in time.
+    assert after["num_replies"] >= 3 and after["model_updated"] is True, after
