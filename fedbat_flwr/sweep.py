@@ -332,9 +332,15 @@ def cell_status(cell: Cell, runs_dir: Path) -> str:
     return "stale" if config_changes(cell, summary) else "done"
 
 
+# Keys added to the run config after runs were committed: a run that did not record one ran
+# with this behaviour (the code before the key existed), whatever the key's default is now.
+VALUE_BEFORE_KEY = {"bn-payload": "binary", "downlink-bits": 32}
+
+
 def config_changes(cell: Cell, summary: Mapping[str, Any]) -> list[str]:
-    """Keys whose value differs from the finished run's (keys it did not record are ignored)."""
-    recorded = summary.get("config") or {}
+    """Keys whose value differs from the finished run's. A key the run did not record counts
+    as its `VALUE_BEFORE_KEY` value if it has one, and is ignored otherwise."""
+    recorded = {**VALUE_BEFORE_KEY, **(summary.get("config") or {})}
     return [
         f"{k}: {recorded[k]!r} -> {v!r}"
         for k, v in cell.run_config.items()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -407,3 +408,15 @@ def test_smoke_sweep_end_to_end_and_resume(tmp_path: Path) -> None:
     for run in runs:
         changed = (out / "runs" / run / "summary.json").stat().st_mtime_ns != mtimes[run]
         assert changed == (run == "fedbat-iid-n3-s0"), run
+
+
+def test_a_run_from_before_a_key_counts_as_that_keys_old_behaviour() -> None:
+    """A committed run that never recorded bn-payload sent BatchNorm 1-bit: it is stale for a
+    float16 cell and done for a binary one."""
+    from fedbat_flwr.sweep import config_changes
+
+    summary = {"config": {"method": "fedbat", "seed": 0}}
+    cell_float = SimpleNamespace(run_config={"method": "fedbat", "bn-payload": "float16"})
+    cell_binary = SimpleNamespace(run_config={"method": "fedbat", "bn-payload": "binary"})
+    assert config_changes(cell_float, summary) == ["bn-payload: 'binary' -> 'float16'"]  # type: ignore[arg-type]
+    assert config_changes(cell_binary, summary) == []  # type: ignore[arg-type]
