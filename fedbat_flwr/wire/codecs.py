@@ -7,7 +7,7 @@ update (`delta`). A new codec registers here with `register_codec`; the strategy
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from fedbat_flwr.wire.binary import BinaryWeightsDecoded, validate_binary_weights
 from fedbat_flwr.wire.errors import PayloadError
-from fedbat_flwr.wire.fields import dense_by_accumulating
+from fedbat_flwr.wire.fields import check_stat_steps, dense_by_accumulating
 from fedbat_flwr.wire.kbit import accumulate_kbit, validate_kbit
 from fedbat_flwr.wire.mixed import accumulate_mixed, is_mixed, validate_mixed
 from fedbat_flwr.wire.signs import SignsPayload, accumulate_signs, decode_signs, validate_signs
@@ -134,29 +134,6 @@ def validate_dense(
             raise PayloadError(t.name, "values", reason)
         weights[t.name] = value
     return DenseWeights(weights)
-
-
-def check_stat_steps(
-    spec: ModelSpec, steps: Sequence[np.ndarray], bounds: AlphaBounds, field: str
-) -> None:
-    """Every entry of an update is at most its bound in size: ``stat-alpha-max`` for a
-    BatchNorm statistic, ``max-update-entry`` (``bounds.update``) for a parameter.
-
-    k-bit and sparse updates carry raw values, so they are checked here (``steps[i]``: values
-    whose sizes bound how far ``spec.tensors[i]`` moves). Without it one client could send a
-    log-variance update of 1e30 (``w * exp(p * 1e30)`` overflows the global model to inf), or
-    move any parameter by up to 3.4e38.
-    """
-    for t, step in zip(spec, steps, strict=True):
-        stat = t.kind == "stat"
-        hi = np.float32(bounds.stat[1] if stat else bounds.update)
-        if step.size and np.abs(step).max() > hi:
-            key = "stat-alpha-max" if stat else "max-update-entry"
-            reason = (
-                f"|update|={float(np.abs(step).max()):.7g} is out of range "
-                f"(allowed: within [0, {float(hi):g}], the run's {key})"
-            )
-            raise PayloadError(t.name, field, reason)
 
 
 @dataclass(frozen=True)

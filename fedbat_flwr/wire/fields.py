@@ -156,3 +156,26 @@ def dense_by_accumulating(
     out = {t.name: np.zeros(t.shape, np.float32) for t in spec}
     accumulate(out, 1.0)
     return out
+
+
+def check_stat_steps(
+    spec: ModelSpec, steps: Sequence[np.ndarray], bounds: AlphaBounds, field: str
+) -> None:
+    """Every entry of an update is at most its bound in size: ``stat-alpha-max`` for a
+    BatchNorm statistic, ``max-update-entry`` (``bounds.update``) for a parameter.
+
+    k-bit and sparse updates carry raw values, so they are checked here (``steps[i]``: values
+    whose sizes bound how far ``spec.tensors[i]`` moves). Without it one client could send a
+    log-variance update of 1e30 (``w * exp(p * 1e30)`` overflows the global model to inf), or
+    move any parameter by up to 3.4e38.
+    """
+    for t, step in zip(spec, steps, strict=True):
+        stat = t.kind == "stat"
+        hi = np.float32(bounds.stat[1] if stat else bounds.update)
+        if step.size and np.abs(step).max() > hi:
+            key = "stat-alpha-max" if stat else "max-update-entry"
+            reason = (
+                f"|update|={float(np.abs(step).max()):.7g} is out of range "
+                f"(allowed: within [0, {float(hi):g}], the run's {key})"
+            )
+            raise PayloadError(t.name, field, reason)

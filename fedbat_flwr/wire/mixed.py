@@ -36,6 +36,7 @@ from fedbat_flwr.wire.fields import (
     check_header,
     check_length,
     check_names,
+    check_stat_steps,
     check_weight,
     flat_target,
     make_header,
@@ -129,15 +130,7 @@ def validate_mixed(
     for t, v in zip(full, pieces, strict=True):
         if not np.isfinite(v).all():
             raise PayloadError(t.name, "dense", f"non-finite values (allowed: finite float{width})")
-        stat = t.kind == "stat"
-        hi = np.float32(bounds.stat[1] if stat else bounds.update)
-        if v.size and np.abs(v).max() > hi:
-            key = "stat-alpha-max" if stat else "max-update-entry"
-            reason = (
-                f"|update|={float(np.abs(v).max()):.7g} is out of range "
-                f"(allowed: within [0, {float(hi):g}], the run's {key})"
-            )
-            raise PayloadError(t.name, "dense", reason)
+    check_stat_steps(full, pieces, bounds, "dense")
     return MixedPayload(spec, signs, dict(zip(full.names, pieces, strict=True)))
 
 
