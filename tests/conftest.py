@@ -17,7 +17,7 @@ from fedbat_flwr.localrun import LocalSuperLink, _alive, descendants
 
 @pytest.fixture(scope="session")
 def superlink() -> Iterator[LocalSuperLink]:
-    """A simulation SuperLink for the whole test session; afterwards nothing of it may run."""
+    """A simulation SuperLink for the whole test run; afterwards nothing of it may run."""
     link = LocalSuperLink()
     link.start()
     assert link.process is not None

@@ -1,4 +1,4 @@
-"""End to end: the real Flower simulation runtime (`flwr run` on the session's SuperLink,
+"""End to end: the real Flower simulation runtime (`flwr run` on the test run's shared SuperLink,
 tests/conftest.py) trains FedBAT in its default configuration on a Fashion-MNIST subset and
 writes the results contract."""
 

@@ -4,7 +4,7 @@ folder, no process left behind (issue 18's table, row by row).
 Most rows are caught by the pre-flight check before Flower starts, so they run here in
 `localrun.main` (what scripts/run_local.sh executes) without a SuperLink. Two tests start Flower:
 a bad method option through plain `flwr run` (the ServerApp's own start-up check, on the
-session's SuperLink) and Ctrl-C during a simulation (every process stopped).
+test run's shared SuperLink) and Ctrl-C during a simulation (every process stopped).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from fedbat_flwr.sweep import SuiteError, expand, load_suite
 def child_pids() -> set[int]:
     """Living direct children of this test process (Linux /proc).
 
-    A command that starts Flower starts it as our child. The session's shared SuperLink
+    A command that starts Flower starts it as our child. The test run's shared SuperLink
     (tests/conftest.py) may be one already, so a test that must start nothing compares the
     set before and after.
     """

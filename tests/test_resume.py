@@ -70,7 +70,7 @@ def test_resume_refuses_a_different_experiment(tmp_path: Path):
 @pytest.mark.e2e
 def test_killed_run_resumes_with_the_same_first_rounds(superlink: LocalSuperLink, tmp_path: Path):
     """Kill the whole simulation (by PID) after round 2 of 4 on a SuperLink of its own; resume
-    on the session's SuperLink; rounds 1-2 are kept."""
+    on the test run's shared SuperLink; rounds 1-2 are kept."""
     config = {
         "num-server-rounds": 4,
         "max-examples-per-client": 300,
