@@ -1,6 +1,6 @@
 """Issue 6: a ClientApp that raises or hangs is a failed reply, and the round goes on without it.
 
-Real simulation runs (`flwr run` on the test run's shared SuperLink, 4 SuperNodes, small data) with the
+Real simulation runs (`flwr run` on the shared SuperLink, 4 SuperNodes, small data) with the
 ClientApp's test hook (`client_app.inject_fault`) making partition 1 fail:
 
 - "raise", every round: Flower sends the server an error reply, which is rejected;

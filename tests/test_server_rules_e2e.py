@@ -1,4 +1,4 @@
-"""End to end through Flower's simulation runtime (the test run's shared SuperLink, tests/conftest.py):
+"""End to end through Flower's simulation runtime (one shared SuperLink, tests/conftest.py):
 FedBiF and FedPM, whose servers have their own downlink and aggregation (server rules), measured
 on the wire both ways, two rounds each, so that round 2 trains from the first aggregate."""
 
