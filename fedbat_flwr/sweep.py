@@ -54,6 +54,7 @@ from .localrun import (
     mark_failed,
 )
 from .report import GroupKey, load_run, write_report
+from .wire import SIGN_KINDS
 
 SUITE_KEYS = ("name", "description", "base", "grid", "clients-per-round", "labels", "paper")
 NUM_CLIENTS = "num-clients"  # not a run-config key: the number of simulated SuperNodes
@@ -337,15 +338,32 @@ def cell_status(cell: Cell, runs_dir: Path) -> str:
 VALUE_BEFORE_KEY = {"bn-payload": "binary", "downlink-bits": 32}
 
 
+# Keys only the methods of some payload kinds read: a change of one leaves every other
+# method's runs as they are (FedAvg's run does not depend on how 1-bit methods send BatchNorm).
+KEYS_OF_KINDS = {"bn-payload": SIGN_KINDS}
+
+
 def config_changes(cell: Cell, summary: Mapping[str, Any]) -> list[str]:
     """Keys whose value differs from the finished run's. A key the run did not record counts
-    as its `VALUE_BEFORE_KEY` value if it has one, and is ignored otherwise."""
+    as its `VALUE_BEFORE_KEY` value if it has one, and is ignored otherwise; a key of
+    `KEYS_OF_KINDS` counts only for the methods it applies to."""
     recorded = {**VALUE_BEFORE_KEY, **(summary.get("config") or {})}
+    unread = _keys_not_read(str(cell.run_config.get("method", "")))
     return [
         f"{k}: {recorded[k]!r} -> {v!r}"
         for k, v in cell.run_config.items()
-        if k in recorded and recorded[k] != v
+        if k in recorded and recorded[k] != v and k not in unread
     ]
+
+
+def _keys_not_read(method: str) -> set[str]:
+    from .methods import get_method  # torch: only when a finished run is compared
+
+    try:
+        kind = get_method(method).payload_kind
+    except ValueError:  # an unknown method: compare every key
+        return set()
+    return {key for key, kinds in KEYS_OF_KINDS.items() if kind not in kinds}
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any] | None:

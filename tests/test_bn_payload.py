@@ -16,6 +16,8 @@ from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.records import payload_to_record, record_to_payload
 from fedbat_flwr.wire import AlphaBounds, ModelSpec, PayloadError, TensorSpec, decode_payload
 from fedbat_flwr.wire.mixed import encode_mixed, validate_mixed
+from fedbat_flwr.wire.signs import encode_signs
+from fedbat_flwr.wire.votes import majority_vote, sign_median
 from tests.test_methods import one_torch_thread, run, tiny_task  # noqa: F401 (fixture)
 
 BOUNDS = AlphaBounds(param=(5e-4, 5e-2), stat=(0.0, 20.0))
@@ -130,7 +132,7 @@ def test_float_bn_payload_sends_batchnorm_updates_as_trained(name: str, bn_paylo
 
 def test_binary_bn_payload_is_all_one_bit() -> None:
     for name in SIGN_METHODS:
-        update, _, decoded = run(name, tiny_task(RunConfig(lr=0.5)))
+        update, _, decoded = run(name, tiny_task(RunConfig(lr=0.5, bn_payload="binary")))
         assert update.payload["header"][2] == 1
         for value in decoded.delta().values():
             assert np.unique(np.abs(value)).size == 1
@@ -157,5 +159,53 @@ def test_bn_payload_is_a_checked_run_config_key() -> None:
     assert RunConfig.from_flower({"bn-payload": "float16"}).bn_payload == "float16"
     with pytest.raises(ConfigError, match=r"'bn-payload' = 'float8'.*'binary', 'float16'"):
         RunConfig.from_flower({"bn-payload": "float8"})
-    with pytest.raises(ConfigError, match=r"'aggregator' = 'majority'.*'bn-payload' = 'binary'"):
-        RunConfig.from_flower({"bn-payload": "float32", "aggregator": "majority"})
+    assert RunConfig().bn_payload == "float16"  # the default (README "How BatchNorm travels")
+    for aggregator in ("majority", "sign-median"):  # votes take float tensors' median
+        config = RunConfig.from_flower({"bn-payload": "float32", "aggregator": aggregator})
+        assert config.aggregator == aggregator
+
+
+def _views(seeds: list[int]) -> list:
+    views = []
+    for seed in seeds:
+        bits, alphas, dense = _parts(seed)
+        views.append(validate_mixed(encode_mixed(SPEC, bits, alphas, dense, 32), SPEC, BOUNDS))
+    return views
+
+
+def test_votes_over_float_batchnorm_take_its_coordinate_wise_median() -> None:
+    """Majority: conv / linear tensors by the vote of their bits (step: median alpha), float
+    BatchNorm by the median; sign-median: the median of every tensor's decoded update."""
+    views = _views([1, 2, 3])
+    voted = majority_vote(SPEC, views)
+    median = sign_median(SPEC, views)
+    deltas = [decode_payload("signs", _payload(s), SPEC, BOUNDS).delta() for s in (1, 2, 3)]
+    for n in FLOATS:
+        expected = np.median(np.stack([d[n] for d in deltas]), axis=0)
+        np.testing.assert_array_equal(voted[n], expected.astype(np.float32))
+        np.testing.assert_array_equal(median[n], expected.astype(np.float32))
+    for n in MATRICES:
+        signs = np.sign(sum(np.sign(d[n]) for d in deltas))
+        step = np.median([v.signs.alphas[v.signs.spec.names.index(n)] for v in views])
+        np.testing.assert_array_equal(voted[n], (np.float32(step) * signs).astype(np.float32))
+        expected = np.median(np.stack([d[n] for d in deltas]), axis=0)
+        np.testing.assert_allclose(median[n], expected, rtol=1e-7)
+
+
+def test_a_tensor_some_replies_send_as_floats_is_not_voted_on() -> None:
+    """A reply with 1-bit BatchNorm beside float ones: BatchNorm takes the median of the
+    decoded updates, conv / linear tensors still the vote."""
+    all_signs = {n: np.ones(SPEC[n].shape, bool) for n in SPEC.names}
+    alphas = {n: 0.01 for n in SPEC.names}
+    pure = decode_payload("signs", encode_signs(SPEC, all_signs, alphas), SPEC, BOUNDS).view
+    views = [*_views([4, 5]), pure]
+    voted = majority_vote(SPEC, views)
+    assert set(voted) == set(SPEC.names)
+    median = sign_median(SPEC, views)
+    for n in FLOATS:
+        np.testing.assert_array_equal(voted[n], median[n])
+
+
+def _payload(seed: int) -> dict[str, np.ndarray]:
+    bits, alphas, dense = _parts(seed)
+    return encode_mixed(SPEC, bits, alphas, dense, 32)

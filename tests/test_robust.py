@@ -49,6 +49,7 @@ CONFIG = RunConfig(
     max_num_examples=1000,
     local_epochs=1,
     seed=42,
+    bn_payload="binary",  # every tensor 1-bit, so the attacker can flip every one of them
 )
 TEST_EXAMPLES = 1000
 AGGREGATORS = ("fedavg", "majority", "sign-median")

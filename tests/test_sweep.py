@@ -420,3 +420,22 @@ def test_a_run_from_before_a_key_counts_as_that_keys_old_behaviour() -> None:
     cell_binary = SimpleNamespace(run_config={"method": "fedbat", "bn-payload": "binary"})
     assert config_changes(cell_float, summary) == ["bn-payload: 'binary' -> 'float16'"]  # type: ignore[arg-type]
     assert config_changes(cell_binary, summary) == []  # type: ignore[arg-type]
+
+
+def test_a_key_a_method_does_not_read_never_makes_its_run_stale() -> None:
+    """bn-payload only changes the 1-bit methods' runs: a FedAvg run recorded (or implied) with
+    binary BatchNorm is still done for a float16 cell, a FedBAT or EF-SignSGD one is stale."""
+    from fedbat_flwr.sweep import config_changes
+
+    for method, stale in [
+        ("fedavg", False),
+        ("fedpaq", False),
+        ("fedbat", True),
+        ("ef-signsgd", True),
+    ]:
+        cell = SimpleNamespace(run_config={"method": method, "bn-payload": "float16"})
+        for summary in (
+            {"config": {"method": method}},
+            {"config": {"method": method, "bn-payload": "binary"}},
+        ):
+            assert bool(config_changes(cell, summary)) == stale, (method, summary)  # type: ignore[arg-type]

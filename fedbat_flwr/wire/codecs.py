@@ -17,7 +17,7 @@ from fedbat_flwr.wire.binary import BinaryWeightsDecoded, validate_binary_weight
 from fedbat_flwr.wire.errors import PayloadError
 from fedbat_flwr.wire.fields import check_stat_steps, dense_by_accumulating
 from fedbat_flwr.wire.kbit import accumulate_kbit, validate_kbit
-from fedbat_flwr.wire.mixed import accumulate_mixed, is_mixed, validate_mixed
+from fedbat_flwr.wire.mixed import MixedPayload, accumulate_mixed, is_mixed, validate_mixed
 from fedbat_flwr.wire.signs import SignsPayload, accumulate_signs, decode_signs, validate_signs
 from fedbat_flwr.wire.sparse import accumulate_sparse, validate_sparse
 from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec
@@ -81,13 +81,26 @@ class SignsDecoded:
         return decode_signs(self.view, self.view.spec, self.bounds)
 
 
+@dataclass(frozen=True)
+class MixedDecoded:
+    """1-bit conv / linear updates, float BatchNorm updates (``bn-payload`` float16 / float32)."""
+
+    view: MixedPayload
+    absolute: ClassVar[bool] = False
+
+    def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
+        accumulate_mixed(acc, self.view, weight)
+
+    def delta(self) -> dict[str, np.ndarray]:
+        return dense_by_accumulating(self.view.spec, self.accumulate)
+
+
 def _decode_signs(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
-) -> SignsDecoded | UpdateDecoded:
+) -> SignsDecoded | MixedDecoded:
     """All tensors 1-bit, or (``bn-payload`` float16 / float32) BatchNorm as floats."""
     if is_mixed(payload):
-        view = validate_mixed(payload, spec, bounds)
-        return UpdateDecoded(spec, lambda acc, weight: accumulate_mixed(acc, view, weight))
+        return MixedDecoded(validate_mixed(payload, spec, bounds))
     return SignsDecoded(validate_signs(payload, spec, bounds), bounds)
 
 
@@ -171,7 +184,7 @@ def _decode_sparse(
 
 def _decode_signs_unbounded(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
-) -> SignsDecoded | UpdateDecoded:
+) -> SignsDecoded | MixedDecoded:
     """Signs whose parameter alpha the client's data decides (EF-SignSGD: ||p||_1 / d).
 
     The run's [alpha-min, alpha-max] bounds FedBAT's learned alpha only; here a parameter alpha
@@ -182,7 +195,8 @@ def _decode_signs_unbounded(
     return _decode_signs(payload, spec, replace(bounds, param=(0.0, bounds.update)))
 
 
-# Kinds whose Decoded is a SignsDecoded (sign bits + one alpha per tensor): what sign votes need.
+# Kinds whose Decoded has a sign `view` (a SignsPayload, or a MixedPayload whose BatchNorm part
+# is float): what sign votes need.
 SIGN_KINDS = ("signs", "signs-unbounded")
 
 register_codec("signs", _decode_signs)
