@@ -335,7 +335,7 @@ def cell_status(cell: Cell, runs_dir: Path) -> str:
 
 # Keys added to the run config after runs were committed: a run that did not record one ran
 # with this behaviour (the code before the key existed), whatever the key's default is now.
-VALUE_BEFORE_KEY = {"bn-payload": "binary", "downlink-bits": 32}
+VALUE_BEFORE_KEY = {"bn-payload": "binary", "downlink-bits": 32, "fedpm-theta": "mean"}
 
 
 # Keys only the methods of some payload kinds read: a change of one leaves every other
