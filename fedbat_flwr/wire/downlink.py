@@ -40,13 +40,12 @@ from fedbat_flwr.wire.fields import (
     check_fields,
     check_header,
     check_length,
-    check_pad_bits,
     make_header,
     read_only_copy,
     split_by,
 )
 from fedbat_flwr.wire.half import encode_half, validate_half
-from fedbat_flwr.wire.kbit import pack_uint, packed_nbytes, unpack_uint
+from fedbat_flwr.wire.kbit import check_packed, pack_uint, unpack_uint
 from fedbat_flwr.wire.spec import ModelSpec, TensorSpec
 
 DOWNLINK_CODEC_ID = 6
@@ -132,15 +131,13 @@ def decode_downlink(payload: Mapping[str, np.ndarray], spec: ModelSpec) -> dict[
     num_rows = sum(r for r, _ in rows)
     check_length(payload["lows"], num_rows, "lows", "one per row of the quantized tensors")
     check_length(payload["steps"], num_rows, "steps", "one per row of the quantized tensors")
-    nbytes = [packed_nbytes(t.size, bits) for t in quantized]
-    check_length(payload["codes"], sum(nbytes), "codes", f"ceil(d * {bits} / 8) per tensor")
-    check_pad_bits(payload["codes"], [t.size * bits for t in quantized], quantized.names, "codes")
+    codes_of = check_packed(payload["codes"], quantized, bits, "codes")
     lows, steps = read_only_copy(payload["lows"]), read_only_copy(payload["steps"])
     out = validate_half(payload["half"], rest, "half")
     row_counts = [r for r, _ in rows]
     pieces = zip(
         quantized,
-        split_by(payload["codes"], nbytes),
+        codes_of,
         split_by(lows, row_counts),
         split_by(steps, row_counts),
         strict=True,

@@ -21,13 +21,23 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 ANY_STEP = AlphaBounds(param=(0.0, FLOAT32_MAX), stat=(0.0, FLOAT32_MAX))
 """Bounds for sign payloads whose step sizes another rule already checked."""
 
-Layout = Mapping[str, tuple[np.dtype, int]]
-"""Field key -> (exact dtype, ndim)."""
+Layout = Mapping[str, tuple[np.dtype | tuple[np.dtype, ...], int]]
+"""Field key -> (exact dtype, or the dtypes a header chooses between; ndim)."""
 
 
 def make_header(codec_id: int, version: int, *extra: int) -> np.ndarray:
     """``b"FB"``, codec id, layout version, then codec-specific bytes (e.g. bits per value)."""
     return np.frombuffer(MAGIC + bytes([codec_id, version, *extra]), dtype=np.uint8).copy()
+
+
+def declared_codec(payload: object) -> int | None:
+    """The codec id a payload's header declares, read only from a header of the layouts' type
+    (uint8, 1-D); None otherwise, and ``check_fields`` then names what is wrong. For kinds
+    that accept two layouts and pick one by the header."""
+    header = payload.get("header") if isinstance(payload, Mapping) else None
+    if isinstance(header, np.ndarray) and header.dtype == np.uint8 and header.ndim == 1:
+        return int(header[2]) if header.size > 2 else None
+    return None
 
 
 def check_fields(payload: Mapping[str, np.ndarray], layout: Layout) -> None:
@@ -45,8 +55,10 @@ def check_fields(payload: Mapping[str, np.ndarray], layout: Layout) -> None:
         value = payload[key]
         if not isinstance(value, np.ndarray):
             raise PayloadError(None, key, f"type={type(value).__name__} (allowed: numpy.ndarray)")
-        if value.dtype != dtype:
-            raise PayloadError(None, key, f"dtype={value.dtype} (allowed: {dtype})")
+        dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+        if value.dtype not in dtypes:
+            allowed_dtypes = " or ".join(str(d) for d in dtypes)
+            raise PayloadError(None, key, f"dtype={value.dtype} (allowed: {allowed_dtypes})")
         if value.ndim != ndim:
             reason = f"ndim={value.ndim}, shape={value.shape} (allowed: {ndim}-D)"
             raise PayloadError(None, key, reason)
@@ -75,26 +87,42 @@ def check_length(value: np.ndarray, expected: int, field: str, rule: str) -> Non
 
 
 def check_pad_bits(
-    stream: np.ndarray, nbits: Sequence[int], names: Sequence[str], field: str
+    stream: np.ndarray, counts: Sequence[int], names: Sequence[str], field: str, bits: int = 1
 ) -> None:
-    """Each tensor's bits start on a byte; the unused top bits of its last byte must be 0.
+    """Each tensor's entries start on a byte; the unused top bits of its last byte must be 0.
 
-    ``nbits[i]`` is the number of bits tensor ``names[i]`` uses; ``stream`` holds the tensors'
-    ``ceil(nbits / 8)`` bytes back to back (little bit order, as ``np.packbits`` writes them).
+    ``counts[i]`` entries of ``bits`` bits each belong to ``names[i]``; ``stream`` holds the
+    tensors' ``ceil(counts * bits / 8)`` bytes back to back (little bit order, as
+    ``np.packbits`` and ``kbit.pack_uint`` write them). Every packed-bits codec checks its
+    stream here, so a forged pad bit is named the same way whatever the codec.
     """
-    sizes = np.asarray(nbits, dtype=np.int64)
+    sizes = np.asarray(counts, dtype=np.int64) * bits
     ends = np.cumsum((sizes + 7) // 8)
-    partial = np.flatnonzero(sizes % 8)
+    partial = np.flatnonzero(sizes % 8)  # tensors whose last byte has pad bits
     used = sizes[partial] % 8
     last = stream[ends[partial] - 1].astype(np.int64)
     bad = np.flatnonzero(last & ((0xFF << used) & 0xFF))
     if bad.size:
         i, r = int(partial[bad[0]]), int(used[bad[0]])
+        entries = f"d={int(counts[i])}" + (f" x {bits} bits use" if bits > 1 else " uses")
         reason = (
             f"pad bits of last byte=0x{int(last[bad[0]]):02x} are not zero "
-            f"(allowed: {int(sizes[i])} bits use the low {r} bits, the top {8 - r} must be 0)"
+            f"(allowed: {entries} the low {r} bits, the top {8 - r} must be 0)"
         )
         raise PayloadError(names[i], field, reason)
+
+
+def check_nonnegative(values: np.ndarray, spec: ModelSpec, field: str, name: str) -> np.ndarray:
+    """One finite value >= 0 per tensor of ``spec`` (a scale or a step: ``name``); returns a
+    read-only private copy."""
+    check_length(values, len(spec), field, "one per tensor")
+    with np.errstate(invalid="ignore"):
+        bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)))
+    if bad.size:
+        i = int(bad[0])
+        reason = f"{name}={float(values[i])!r} (allowed: finite, >= 0)"
+        raise PayloadError(spec.tensors[i].name, field, reason)
+    return read_only_copy(values)
 
 
 def read_only_copy(value: np.ndarray) -> np.ndarray:
@@ -107,6 +135,27 @@ def read_only_copy(value: np.ndarray) -> np.ndarray:
 def split_by(stream: np.ndarray, lengths: Sequence[int]) -> list[np.ndarray]:
     """``stream`` cut into consecutive pieces of ``lengths`` (which sum to its size)."""
     return np.split(stream, np.cumsum(np.asarray(lengths, dtype=np.int64))[:-1]) if lengths else []
+
+
+def check_float_tensors(
+    values: np.ndarray, spec: ModelSpec, field: str, *, weights: bool
+) -> list[np.ndarray]:
+    """``values`` (the spec's tensors flattened, spec order) cut per tensor, read-only pieces
+    of a private copy in the payload's float dtype.
+
+    Checked: the length, finite entries and, when they are weights rather than updates, a
+    log-domain tensor (``running_var``) > 0: the mean of positive variances stays positive.
+    """
+    dtype = values.dtype.name
+    check_length(values, spec.num_params, field, f"the sizes of the {dtype} tensors")
+    pieces = split_by(read_only_copy(values), [t.size for t in spec])
+    for t, v in zip(spec, pieces, strict=True):
+        if not np.isfinite(v).all():
+            raise PayloadError(t.name, field, f"non-finite values (allowed: finite {dtype})")
+        if weights and t.domain == "log" and v.size and v.min() <= 0:
+            reason = f"value={float(v.min())!r} (allowed: > 0 for a variance)"
+            raise PayloadError(t.name, field, reason)
+    return pieces
 
 
 def flat_target(acc: MutableMapping[str, np.ndarray], t: TensorSpec) -> np.ndarray:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedbat_flwr.wire.errors import PayloadError
-from fedbat_flwr.wire.fields import check_length, read_only_copy, split_by
+from fedbat_flwr.wire.fields import check_float_tensors
 from fedbat_flwr.wire.spec import ModelSpec
 
 HALF_TINY = np.float16(2.0**-24)
@@ -45,14 +45,7 @@ def encode_half(spec: ModelSpec, arrays: Mapping[str, np.ndarray]) -> np.ndarray
 
 def validate_half(values: np.ndarray, spec: ModelSpec, field: str) -> dict[str, np.ndarray]:
     """Length, finiteness and (log domain) positivity; float32 arrays of the spec's shapes."""
-    check_length(values, spec.num_params, field, "the sizes of the float16 tensors")
-    pieces = split_by(read_only_copy(values), [t.size for t in spec])
-    out: dict[str, np.ndarray] = {}
-    for t, v in zip(spec, pieces, strict=True):
-        if not np.isfinite(v).all():
-            raise PayloadError(t.name, field, "non-finite values (allowed: finite float16)")
-        if t.domain == "log" and v.size and v.min() <= 0:
-            reason = f"value={float(v.min())!r} (allowed: > 0 for a variance)"
-            raise PayloadError(t.name, field, reason)
-        out[t.name] = v.astype(np.float32).reshape(t.shape)
-    return out
+    pieces = check_float_tensors(values, spec, field, weights=True)
+    return {
+        t.name: v.astype(np.float32).reshape(t.shape) for t, v in zip(spec, pieces, strict=True)
+    }

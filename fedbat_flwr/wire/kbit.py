@@ -36,6 +36,7 @@ from fedbat_flwr.wire.fields import (
     check_header,
     check_length,
     check_names,
+    check_nonnegative,
     check_pad_bits,
     check_weight,
     dense_by_accumulating,
@@ -69,7 +70,7 @@ def pack_uint(values: np.ndarray, bits: int) -> np.ndarray:
 
     Value i occupies stream bits ``i*bits .. i*bits + bits - 1`` (least significant first).
     """
-    _check_bits(bits)
+    check_bits(bits)
     v = np.asarray(values).reshape(-1)
     if v.size and (not np.issubdtype(v.dtype, np.integer) or v.min() < 0 or v.max() >> bits):
         bad = v[(v < 0) | (v >= 1 << bits)] if np.issubdtype(v.dtype, np.integer) else v
@@ -86,7 +87,7 @@ def pack_uint(values: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack_uint(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     """The ``count`` uint8 values ``pack_uint`` packed into ``packed``."""
-    _check_bits(bits)
+    check_bits(bits)
     if packed.size != packed_nbytes(count, bits):
         raise ValueError(f"{packed.size} bytes cannot hold exactly {count} x {bits}-bit values")
     group_bytes, per_group = _group(bits)
@@ -99,15 +100,35 @@ def unpack_uint(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return codes.astype(np.uint8).reshape(-1)[:count]
 
 
+def check_packed(stream: np.ndarray, spec: ModelSpec, bits: int, field: str) -> list[np.ndarray]:
+    """A ``pack_uint`` stream of every ``spec`` tensor's entries (``bits`` each, byte-aligned
+    per tensor): its length and zero pad bits; the tensors' pieces, read-only, of a private
+    copy. The k-bit update, the FedBiF model and the quantized downlink all read theirs here."""
+    nbytes = [packed_nbytes(t.size, bits) for t in spec]
+    rule = f"sum(ceil(d * {bits} / 8)) over {len(spec)} tensors"
+    check_length(stream, sum(nbytes), field, rule)
+    check_pad_bits(stream, [t.size for t in spec], spec.names, field, bits)
+    return split_by(read_only_copy(stream), nbytes)
+
+
 def _group(bits: int) -> tuple[int, int]:
     """(bytes, values) of the smallest whole-byte group of ``bits``-bit values: lcm(bits, 8)."""
     g = math.gcd(bits, 8)
     return bits // g, 8 // g
 
 
-def _check_bits(bits: int) -> None:
+def check_bits(bits: int) -> None:
+    """A caller's bits per value (an encoder's argument): ValueError, not a PayloadError."""
     if not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bits={bits!r} (allowed: an integer in [1, {MAX_BITS}])")
+
+
+def header_bits(header: np.ndarray) -> int:
+    """The bits per value a checked header declares in its byte 4 (k-bit, FedBiF layouts)."""
+    bits = int(header[4])
+    if not 1 <= bits <= MAX_BITS:
+        raise PayloadError(None, "header", f"bits={bits} (allowed: 1..{MAX_BITS})")
+    return bits
 
 
 # --- the quantizer ------------------------------------------------------------------------
@@ -123,7 +144,7 @@ def quantize_stochastic(
     m: np.ndarray, bits: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, float]:
     """Codes (uint8, m's shape) and float32 scale of an unbiased k-bit quantization of ``m``."""
-    _check_bits(bits)
+    check_bits(bits)
     flat = np.asarray(m, dtype=np.float64).reshape(-1)
     if not np.isfinite(flat).all():
         raise ValueError("cannot quantize non-finite values")
@@ -165,7 +186,7 @@ def encode_kbit(
     bits: int,
 ) -> dict[str, np.ndarray]:
     """Pack per-tensor codes (``quantize_stochastic``) and scales into a version-1 payload."""
-    _check_bits(bits)
+    check_bits(bits)
     check_names(codes, spec, "levels")
     check_names(scales, spec, "scales")
     packed = []
@@ -192,24 +213,10 @@ def validate_kbit(payload: Mapping[str, np.ndarray], spec: ModelSpec) -> KbitPay
     check_fields(payload, LAYOUT)
     header = payload["header"]
     check_header(header, KBIT_CODEC_ID, KBIT_VERSION, "kbit", length=5)
-    bits = int(header[4])
-    if not 1 <= bits <= MAX_BITS:
-        raise PayloadError(None, "header", f"bits={bits} (allowed: 1..{MAX_BITS})")
-    nbits = [t.size * bits for t in spec]
-    nbytes = [packed_nbytes(t.size, bits) for t in spec]
-    levels = payload["levels"]
-    check_length(levels, sum(nbytes), "levels", f"sum(ceil(d * {bits} / 8)) over the spec")
-    check_pad_bits(levels, nbits, spec.names, "levels")
-    scales = payload["scales"]
-    check_length(scales, len(spec), "scales", "one per tensor")
-    with np.errstate(invalid="ignore"):
-        bad = np.flatnonzero(~(np.isfinite(scales) & (scales >= 0)))
-    if bad.size:
-        i = int(bad[0])
-        reason = f"scale={float(scales[i])!r} (allowed: finite, >= 0)"
-        raise PayloadError(spec.tensors[i].name, "scales", reason)
-    packed = tuple(split_by(read_only_copy(levels), nbytes))
-    return KbitPayload(spec, bits, packed, read_only_copy(scales))
+    bits = header_bits(header)
+    packed = tuple(check_packed(payload["levels"], spec, bits, "levels"))
+    scales = check_nonnegative(payload["scales"], spec, "scales", "scale")
+    return KbitPayload(spec, bits, packed, scales)
 
 
 def accumulate_kbit(acc: MutableMapping[str, np.ndarray], view: KbitPayload, weight: float) -> None:

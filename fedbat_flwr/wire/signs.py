@@ -36,10 +36,12 @@ from fedbat_flwr.wire.fields import (
     check_fields,
     check_header,
     check_names,
+    check_pad_bits,
     check_weight,
     dense_by_accumulating,
     flat_target,
     make_header,
+    read_only_copy,
 )
 from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec, TensorSpec
 
@@ -78,12 +80,22 @@ def encode_signs(
     spec: ModelSpec, bits: Mapping[str, np.ndarray], alphas: Mapping[str, float]
 ) -> dict[str, np.ndarray]:
     """Pack per-tensor sign bits (True = +alpha) and alphas into a version-1 payload."""
+    return {
+        "header": make_header(SIGNS_CODEC_ID, SIGNS_VERSION),
+        **encode_sign_part(spec, bits, alphas),
+    }
+
+
+def encode_sign_part(
+    spec: ModelSpec, bits: Mapping[str, np.ndarray], alphas: Mapping[str, float]
+) -> dict[str, np.ndarray]:
+    """The ``signs`` and ``alphas`` fields alone: what every codec that sends some tensors as
+    1 bit + alpha (mixed, binary weights, FedBiF, FedPM) embeds under its own header."""
     check_names(bits, spec, "signs")
     check_names(alphas, spec, "alphas")
     packed = [_pack(t, bits[t.name]) for t in spec]
     alpha_values = [_encode_alpha(t, alphas[t.name]) for t in spec]
     return {
-        "header": make_header(SIGNS_CODEC_ID, SIGNS_VERSION),
         "signs": np.concatenate([np.zeros(0, np.uint8), *packed]),
         "alphas": np.array(alpha_values, dtype=np.float32),
     }
@@ -95,11 +107,22 @@ def validate_signs(
     """Check every field of an untrusted payload against ``spec``; raise PayloadError if bad."""
     check_fields(payload, LAYOUT)
     check_header(payload["header"], SIGNS_CODEC_ID, SIGNS_VERSION, "signs")
+    return validate_sign_part(payload["signs"], payload["alphas"], spec, bounds)
+
+
+def validate_sign_part(
+    signs: np.ndarray, alphas: np.ndarray, spec: ModelSpec, bounds: AlphaBounds
+) -> SignsPayload:
+    """The ``signs`` / ``alphas`` fields of any codec that embeds them, against ``spec``:
+    length, zero pad bits, alphas finite and within ``bounds``.
+
+    The caller has checked both fields' dtype (uint8, float32) and that they are 1-D, with its
+    own layout and header (``check_fields``, ``check_header``).
+    """
     nbytes = _bytes_per_tensor(spec)
-    signs = _check_signs(payload["signs"], spec, nbytes)
-    alphas = _check_alphas(payload["alphas"], spec, bounds)
-    packed = tuple(np.split(signs, np.cumsum(nbytes)[:-1])) if len(spec) else ()
-    return SignsPayload(spec, packed, alphas)
+    checked = _check_signs(signs, spec, nbytes)
+    packed = tuple(np.split(checked, np.cumsum(nbytes)[:-1])) if len(spec) else ()
+    return SignsPayload(spec, packed, _check_alphas(alphas, spec, bounds))
 
 
 def decode_signs(
@@ -124,9 +147,16 @@ def accumulate_signs(
     ``(d,)``); it is updated through a flat view. A raw payload is validated first. Nothing is
     modified unless every accumulator entry is usable.
     """
-    view = _as_view(payload, spec, bounds)
+    accumulate_sign_view(acc, _as_view(payload, spec, bounds), weight)
+
+
+def accumulate_sign_view(
+    acc: MutableMapping[str, np.ndarray], view: SignsPayload, weight: float
+) -> None:
+    """``accumulate_signs`` of a view validated already (its alphas met the bounds then): the
+    sign part of a mixed, binary-weights, FedBiF or FedPM payload."""
     check_weight(weight)
-    targets = [flat_target(acc, t) for t in spec]
+    targets = [flat_target(acc, t) for t in view.spec]
     scratch = np.empty((CHUNK_BYTES, 8), np.float32)
     for out, packed, alpha in zip(targets, view.packed, view.alphas, strict=True):
         _add_signs(out, packed, np.float32(weight * float(alpha)), scratch)
@@ -183,21 +213,8 @@ def _check_signs(signs: np.ndarray, spec: ModelSpec, nbytes: np.ndarray) -> np.n
     if signs.size != expected:
         reason = f"length={signs.size} bytes (allowed: {expected} = sum(ceil(d/8)) over the spec)"
         raise PayloadError(None, "signs", reason)
-    sizes = np.array([t.size for t in spec], dtype=np.int64)
-    partial = np.flatnonzero(sizes % 8)  # tensors whose last byte has pad bits
-    used = sizes[partial] % 8
-    last = signs[np.cumsum(nbytes)[partial] - 1].astype(np.int64)
-    bad = np.flatnonzero(last & ((0xFF << used) & 0xFF))
-    if bad.size:
-        i, r = partial[bad[0]], int(used[bad[0]])
-        reason = (
-            f"pad bits of last byte=0x{int(last[bad[0]]):02x} are not zero "
-            f"(allowed: d={sizes[i]} uses the low {r} bits, the top {8 - r} must be 0)"
-        )
-        raise PayloadError(spec.tensors[i].name, "signs", reason)
-    signs = signs.copy()
-    signs.flags.writeable = False
-    return signs
+    check_pad_bits(signs, [t.size for t in spec], spec.names, "signs")
+    return read_only_copy(signs)
 
 
 def _check_alphas(alphas: np.ndarray, spec: ModelSpec, bounds: AlphaBounds) -> np.ndarray:
@@ -220,9 +237,7 @@ def _check_alphas(alphas: np.ndarray, spec: ModelSpec, bounds: AlphaBounds) -> n
             f"(allowed: finite, within [{ranges[i, 0]:g}, {ranges[i, 1]:g}])"
         )
         raise PayloadError(spec.tensors[i].name, "alphas", reason)
-    alphas = alphas.copy()
-    alphas.flags.writeable = False
-    return alphas
+    return read_only_copy(alphas)
 
 
 # --- accumulation helpers -----------------------------------------------------------------
