@@ -1,9 +1,10 @@
 """Downlink bits per parameter: what the server sends each sampled client, per setting.
 
-Methods without a server rule broadcast the global model: dense float32 (`downlink-bits = 32`,
-Flower `.npy` arrays) or its quantized copy (16, 8, 4, 2: `wire/downlink.py`); the size is the
-same whichever of them runs. FedBiF and FedPM send their rule's own payload. Measured as
-`wire_bytes * 8 / d` of the serialized record on CNN4 and ResNet-10 (width 32).
+Methods with the default server part broadcast the global model: dense float32
+(`downlink-bits = 32`, Flower `.npy` arrays) or its quantized copy (16, 8, 4, 2:
+`wire/downlink.py`); the size is the same whichever of them runs. FedBiF and FedPM send their
+server part's own payload. Measured as `wire_bytes * 8 / d` of the serialized record on CNN4
+and ResNet-10 (width 32).
 
 Run from the repo root: ``python -m benchmarks.bench_downlink`` (JSON lines) or with
 ``--markdown`` (the README table).
@@ -14,10 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from fedbat_flwr.broadcast import Broadcast
 from fedbat_flwr.config import RunConfig
 from fedbat_flwr.methods import get_method
-from fedbat_flwr.records import arrays_to_record, payload_to_record, wire_bytes
+from fedbat_flwr.records import wire_bytes
 from fedbat_flwr.task import build_model_for, model_spec, state_arrays
 
 MODELS = {"cnn4": ("fashion_mnist", "cnn4"), "resnet10": ("cifar10", "resnet10")}
@@ -28,16 +28,14 @@ GOALS = {("fedbif", "cnn4"): 4.1, ("downlink-bits 4", "cnn4"): 4.2}
 
 def downlink_bits_per_param(setting: str, model_label: str) -> float:
     dataset, model_name = MODELS[model_label]
-    method = setting if setting in ("fedbif", "fedpm") else "fedbat"
-    config = RunConfig(method=method, dataset=dataset, model=model_name)
+    own = setting in ("fedbif", "fedpm")
+    method = setting if own else "fedbat"
+    bits = 32 if own else int(setting.split()[-1])
+    config = RunConfig(method=method, dataset=dataset, model=model_name, downlink_bits=bits)
     model = build_model_for(config)
     spec, weights = model_spec(model), state_arrays(model)
-    rule = get_method(method).server_rule(config, spec)
-    if rule is not None:
-        record = payload_to_record(rule.downlink(rule.initial(weights), 1))
-    else:
-        bits = int(setting.split()[-1])
-        record = Broadcast(spec, bits, seed=0).encode(weights, 1) or arrays_to_record(weights)
+    part = get_method(method)(config).server_part(spec)
+    record = part.downlink(part.initial(weights), 1)
     return 8 * wire_bytes(record) / spec.num_params
 
 

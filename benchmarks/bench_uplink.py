@@ -20,7 +20,7 @@ import torch
 from fedbat_flwr.config import RunConfig
 from fedbat_flwr.data import TensorData
 from fedbat_flwr.methods import client_task, get_method, method_names
-from fedbat_flwr.records import arrays_to_record, payload_to_record, wire_bytes
+from fedbat_flwr.records import arrays_to_record, payload_to_record, record_to_payload, wire_bytes
 from fedbat_flwr.task import build_model_for, model_spec, state_arrays
 
 EXAMPLES = 8  # one batch: one local step
@@ -59,8 +59,8 @@ def uplink_bits_per_param(method: str, model_label: str, extra: dict[str, Any]) 
     instance = get_method(method)(config)
     model = build_model_for(config)
     weights, spec = state_arrays(model), model_spec(model)
-    rule = instance.server_rule(config, spec)  # FedBiF / FedPM: their own downlink
-    downlink = weights if rule is None else rule.downlink(rule.initial(weights), 1)
+    part = instance.server_part(spec)  # FedBiF / FedPM: their own downlink
+    downlink = record_to_payload(part.downlink(part.initial(weights), 1))
     data = TensorData(
         torch.randn(EXAMPLES, *shape, generator=gen),
         torch.randint(0, 10, (EXAMPLES,), generator=gen),

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, RunConfig, check_keys
 from .results import (
@@ -26,6 +26,9 @@ from .results import (
     holds_results,
     load_checkpoint,
 )
+
+if TYPE_CHECKING:
+    from .methods import Method
 
 NODE_WAIT_KEY = "node-wait-timeout"
 NODE_WAIT_DEFAULT = 60.0  # seconds; pyproject.toml holds the same default
@@ -41,9 +44,10 @@ def preflight(
     return config
 
 
-def check_startup(config: RunConfig, *, num_nodes: int | None = None) -> None:
-    """What the ServerApp checks before round 1 (`num_nodes` only when it is known)."""
-    check_method(config)
+def check_startup(config: RunConfig, *, num_nodes: int | None = None) -> Method:
+    """What the ServerApp checks before round 1 (`num_nodes` only when it is known); the
+    method, instantiated once with every option checked."""
+    method = check_method(config)
     check_data(config, num_partitions=num_nodes or 1)
     check_model(config)
     check_output(config)
@@ -51,6 +55,7 @@ def check_startup(config: RunConfig, *, num_nodes: int | None = None) -> None:
     node_wait_timeout(config)
     if num_nodes is not None:
         check_nodes(config, num_nodes)
+    return method
 
 
 def check_nodes(config: RunConfig, num_nodes: int) -> None:
@@ -63,21 +68,22 @@ def check_nodes(config: RunConfig, num_nodes: int) -> None:
         )
 
 
-def check_method(config: RunConfig) -> None:
-    """Instantiate the method, which checks every option it reads, and its aggregator's name."""
+def check_method(config: RunConfig) -> Method:
+    """Instantiate the method, which checks every option it reads, and its aggregator's name.
+
+    The instance is the one the ServerApp uses for the whole run (`Method.server_part`)."""
+    from .aggregators import AGGREGATORS, SIGN_AGGREGATORS
     from .methods import get_method  # torch: only once the cheap checks passed
-    from .strategy import AGGREGATORS, SIGN_AGGREGATORS
     from .wire import SIGN_KINDS
 
     try:
-        method = get_method(config.method)
+        method_class = get_method(config.method)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    method(config)
+    method = method_class(config)
     aggregator = method.aggregator(config)
-    allowed = [*AGGREGATORS, *SIGN_AGGREGATORS]
-    if aggregator not in allowed:
-        names = ", ".join(repr(a) for a in allowed)
+    if aggregator not in AGGREGATORS:
+        names = ", ".join(repr(a) for a in AGGREGATORS)
         raise ConfigError(
             f"run-config 'aggregator' = {aggregator!r} is not allowed; allowed: {names}"
         )
@@ -85,8 +91,9 @@ def check_method(config: RunConfig) -> None:
         raise ConfigError(
             f"run-config 'aggregator' = {aggregator!r} votes on sign payloads and method "
             f"{config.method!r} sends {method.payload_kind!r}; allowed: "
-            + ", ".join(repr(a) for a in AGGREGATORS)
+            + ", ".join(repr(a) for a in AGGREGATORS if a not in SIGN_AGGREGATORS)
         )
+    return method
 
 
 def check_data(config: RunConfig, *, num_partitions: int) -> None:

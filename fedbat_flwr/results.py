@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +47,66 @@ SUMMARY_KEYS = (
     "total_downlink_bytes",
     "wall_seconds",
 )
+
+
+@dataclass
+class RoundStats:
+    """What the strategy measures about one round's uplink and downlink, for its results row."""
+
+    started: float = field(default_factory=time.monotonic)
+    downlink_bytes: int = 0
+    num_sent: int = 0
+    uplink_bytes: int = 0
+    uplink_bits_per_param: float = 0.0
+    num_replies: int = 0
+    # Sampled clients whose update was not aggregated: invalid replies, failed replies (a
+    # ClientApp that raised) and replies that never came (round-timeout).
+    num_rejected: int = 0
+    model_updated: bool = False
+    train_metrics: dict[str, float] = field(default_factory=dict)
+
+    def count_replies(self, num_replies: int, accepted_bytes: list[int], num_params: int) -> None:
+        """The round's uplink: accepted replies, their bytes and mean bits per parameter.
+
+        Replies that never came before the round's timeout are rejected too (num_sent is 0
+        when the round was not configured here, e.g. in unit tests)."""
+        self.num_replies = len(accepted_bytes)
+        self.num_rejected = max(num_replies, self.num_sent) - len(accepted_bytes)
+        self.uplink_bytes = sum(accepted_bytes)
+        if accepted_bytes:
+            self.uplink_bits_per_param = float(
+                np.mean([8 * n / num_params for n in accepted_bytes])
+            )
+
+
+def round_row(
+    server_round: int,
+    method: str,
+    stats: RoundStats,
+    scores: Mapping[str, float],
+    num_params: int,
+) -> dict[str, Any]:
+    """One metrics.jsonl row: the round's numbers and its evaluation (``scores``: test_accuracy,
+    test_loss and any keys a method's server part adds, e.g. model_sparsity; empty when the
+    round was not evaluated)."""
+    sent = max(stats.num_sent, 1)
+    extra = {k: v for k, v in scores.items() if k not in ("test_accuracy", "test_loss")}
+    return {
+        "round": server_round,
+        "method": method,
+        "test_accuracy": scores.get("test_accuracy"),
+        "test_loss": scores.get("test_loss"),
+        "uplink_bytes": stats.uplink_bytes,
+        "uplink_bits_per_param": stats.uplink_bits_per_param,
+        "downlink_bytes": stats.downlink_bytes,
+        "downlink_bits_per_param": 8 * stats.downlink_bytes / sent / num_params,
+        "num_replies": stats.num_replies,
+        "num_rejected": stats.num_rejected,
+        "round_seconds": time.monotonic() - stats.started,
+        "model_updated": stats.model_updated,
+        "train_loss": stats.train_metrics.get("train-loss"),
+        **extra,
+    }
 
 
 # Files that make a folder a run's results; a new run never writes into a folder holding one.
@@ -122,7 +183,7 @@ class Checkpoint:
 
     round: int
     arrays: dict[str, np.ndarray]  # the global arrays after `round`
-    strategy_state: dict[str, np.ndarray]  # server-optimizer moments, server-rule state
+    strategy_state: dict[str, np.ndarray]  # server-optimizer moments, server-part state
     rng: dict[str, np.ndarray]  # numpy / torch generator states (python's is in meta)
     meta: dict[str, Any]  # version, config, rows so far, python RNG, wall seconds, initial
 
@@ -178,6 +239,63 @@ def check_resumable(checkpoint: Checkpoint, config: Mapping[str, Any], run_dir: 
             f"cannot resume {run_dir}: it already completed {checkpoint.round} rounds and "
             f"num-server-rounds is {total}"
         )
+
+
+def rng_arrays() -> dict[str, np.ndarray]:
+    """numpy's and torch's global generator states, as arrays for the checkpoint."""
+    import torch  # the results writer is read by tools without torch; only the server saves
+
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = np.array([pos, has_gauss], dtype=np.int64)
+    return {
+        "numpy_keys": np.asarray(keys),
+        "numpy_state": numpy_state,
+        "numpy_gauss": np.array([gauss]),
+        "torch": torch.get_rng_state().numpy(),
+    }
+
+
+def restore_rng(checkpoint: Checkpoint) -> None:
+    """Continue every server-side random stream where the checkpointed run left it."""
+    import torch
+
+    version, state, gauss = checkpoint.meta["python_random"]
+    random.setstate((version, tuple(state), gauss))
+    rng = checkpoint.rng
+    pos, has_gauss = (int(v) for v in rng["numpy_state"])
+    np.random.set_state(
+        ("MT19937", rng["numpy_keys"], pos, has_gauss, float(rng["numpy_gauss"][0]))
+    )
+    torch.set_rng_state(torch.from_numpy(rng["torch"].copy()))
+
+
+@dataclass
+class Checkpointer:
+    """The one owner of a run's checkpoint: writes it after every round's row (model, strategy
+    state, RNG states, rows so far) and restores the state a resumed run continues from."""
+
+    recorder: RunRecorder
+    # The strategy's state (FedOpt moments m_t / v_t, a server part's state) and its restore.
+    state: Callable[[], dict[str, np.ndarray]]
+    load_state: Callable[[Mapping[str, np.ndarray]], None]
+
+    def save(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """After the round's row: the state to continue from if the server stops now."""
+        meta = {
+            "version": CHECKPOINT_VERSION,
+            "config": self.recorder.config,
+            "rows": self.recorder.rows,
+            "initial": self.recorder.initial,
+            "wall_seconds": self.recorder.wall_seconds,
+            "python_random": random.getstate(),
+        }
+        checkpoint = Checkpoint(server_round, dict(arrays), self.state(), rng_arrays(), meta)
+        save_checkpoint(self.recorder.run_dir, checkpoint)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """The strategy's state and every server-side random stream, as the checkpoint has them."""
+        self.load_state(checkpoint.strategy_state)
+        restore_rng(checkpoint)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

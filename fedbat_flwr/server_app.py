@@ -1,35 +1,39 @@
-"""Flower ServerApp: model, strategy and recorder from the run config; start; write results."""
+"""Flower ServerApp: method, model and strategy from the run config; start; write results.
+
+One round, as the data flows: the strategy sends the method's downlink and aggregates the
+validated replies (strategy.py), measuring the round in a `RoundStats`; Flower then calls
+`evaluate_fn` (`RoundResults` here), which has the global model scored (`CentralEvaluation`),
+writes the round's row and a checkpoint (results.py).
+"""
 
 from __future__ import annotations
 
 import random
-import time
 from logging import INFO
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from .broadcast import Broadcast
 from .config import RunConfig
 from .data import load_test_set
-from .methods import get_method
+from .methods import Method
 from .preflight import check_startup, node_wait_timeout, wait_for_nodes
 from .records import arrays_to_record, record_to_arrays
 from .results import (
-    CHECKPOINT_VERSION,
     Checkpoint,
+    Checkpointer,
+    RoundStats,
     RunRecorder,
     check_resumable,
     default_run_name,
     load_checkpoint,
-    save_checkpoint,
+    round_row,
 )
-from .server_rules import Evaluation
-from .strategy import UplinkMixin, build_strategy
+from .server_part import ServerPart
+from .strategy import ValidatingStrategy, build_strategy
 from .task import build_model_for, data_config, load_state, model_spec, state_arrays
 from .training import default_device, evaluate, prepare_model
 
@@ -39,29 +43,16 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_flower(context.run_config)
-    check_startup(config)  # every option, data-dir, output-dir: before any folder is made
-    method = get_method(config.method)
+    # Every option, data-dir, output-dir, before any folder is made; the method instance is
+    # the run's (its options checked once).
+    method = check_startup(config)
     model = build_model_for(config)
     spec = model_spec(model)
-    rule = method.server_rule(config, spec)  # None unless the method has its own server side
-    initial = state_arrays(model) if rule is None else rule.initial(state_arrays(model))
-    # What the server tests: the rule's model, the method's (BiFL: its binary network), or the
-    # global weights as they are.
-    evaluation = rule if rule is not None else method.evaluation(config, spec)
-    evaluation = evaluation if evaluation is not None else Evaluation()
+    part = method.server_part(spec)
+    initial = part.initial(state_arrays(model))
 
     random.seed(config.seed)  # Flower samples clients with `random.sample`
-    checkpoint = None
-    if config.resume_from:
-        run_dir = Path(config.resume_from).resolve()
-        checkpoint = load_checkpoint(run_dir)
-        check_resumable(checkpoint, config.to_flower(), run_dir)
-    else:
-        output_dir = Path(config.output_dir).resolve()
-        run_name = config.run_name or default_run_name(
-            config.method, config.dataset, config.partitioner, output_dir
-        )
-        run_dir = output_dir / run_name
+    checkpoint, run_dir = _open_run(config)
     recorder = RunRecorder.continuing(
         checkpoint,
         run_dir,
@@ -72,116 +63,106 @@ def main(grid: Grid, context: Context) -> None:
     )
     log(INFO, "fedbat-flwr: %s on %s, results in %s", config.method, config.dataset, run_dir)
 
-    strategy = build_strategy(
-        method.aggregator(config),
-        spec=spec,
-        payload_kind=method.payload_kind,
-        bounds=method.step_bounds(config),
-        max_num_examples=config.max_num_examples,
-        num_examples_policy=config.num_examples_policy,
-        rule=rule,
-        broadcast=Broadcast(spec, config.downlink_bits, config.seed),
-        fraction_train=config.fraction_train,
-        fraction_evaluate=0.0,
-        min_train_nodes=config.min_train_nodes,
-        min_available_nodes=config.min_train_nodes,
-    )
+    done = checkpoint.round if checkpoint is not None else 0
+    rounds: dict[int, RoundStats] = {}
+    strategy = _strategy(config, method, part, round_offset=done, rounds=rounds)
+    checkpointer = Checkpointer(recorder, strategy.state, strategy.load_state)
     if checkpoint is not None:
         initial = checkpoint.arrays
-        strategy.load_strategy_state(checkpoint.strategy_state)
-        strategy.round_offset = checkpoint.round
-        restore_rng(checkpoint)
+        checkpointer.restore(checkpoint)
         log(INFO, "fedbat-flwr: resuming after round %d", checkpoint.round)
-    evaluate_fn = CentralEvaluation(config, strategy, recorder, evaluation)
+    results = RoundResults(config, CentralEvaluation(config, part), rounds, checkpointer, done)
     wait_for_nodes(
         lambda: len(list(grid.get_node_ids())), config.min_train_nodes, node_wait_timeout(config)
     )
     result = strategy.start(
         grid=grid,
         initial_arrays=arrays_to_record(initial),
-        num_rounds=config.num_server_rounds - strategy.round_offset,
+        num_rounds=config.num_server_rounds - done,
         timeout=config.round_timeout,  # a node that has not replied by then counts as failed
         train_config=ConfigRecord({"method": config.method}),
-        evaluate_fn=evaluate_fn,
+        evaluate_fn=results,
     )
     final = record_to_arrays(result.arrays) if result.arrays is not None else initial
-    summary = recorder.finish(evaluation.eval_arrays(final))
+    _finish(recorder, part.eval_arrays(final))
+
+
+def _strategy(
+    config: RunConfig,
+    method: Method,
+    part: ServerPart,
+    *,
+    round_offset: int,
+    rounds: dict[int, RoundStats],
+) -> ValidatingStrategy:
+    """The run's strategy: the method's payload kind, bounds and aggregator, Flower's sampling
+    from the run config; federated evaluation off (the server evaluates centrally)."""
+    return build_strategy(
+        method.aggregator(config),
+        part=part,
+        spec=part.spec,
+        payload_kind=method.payload_kind,
+        bounds=method.step_bounds(config),
+        max_num_examples=config.max_num_examples,
+        num_examples_policy=config.num_examples_policy,
+        round_offset=round_offset,
+        rounds=rounds,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=config.min_train_nodes,
+        min_available_nodes=config.min_train_nodes,
+    )
+
+
+def _open_run(config: RunConfig) -> tuple[Checkpoint | None, Path]:
+    """The checkpoint a resumed run continues from (checked against the config), or None for
+    a new run; and the run's folder."""
+    if config.resume_from:
+        run_dir = Path(config.resume_from).resolve()
+        checkpoint = load_checkpoint(run_dir)
+        check_resumable(checkpoint, config.to_flower(), run_dir)
+        return checkpoint, run_dir
+    output_dir = Path(config.output_dir).resolve()
+    run_name = config.run_name or default_run_name(
+        config.method, config.dataset, config.partitioner, output_dir
+    )
+    return None, output_dir / run_name
+
+
+def _finish(recorder: RunRecorder, model: dict[str, np.ndarray]) -> None:
+    summary = recorder.finish(model)
     log(
         INFO,
         "fedbat-flwr: final accuracy %s, best %s, uplink %.2f MB, results in %s",
         summary["final_accuracy"],
         summary["best_accuracy"],
         summary["total_uplink_bytes"] / 1e6,
-        run_dir,
+        recorder.run_dir,
     )
-
-
-def rng_arrays() -> dict[str, np.ndarray]:
-    """numpy's and torch's global generator states, as arrays for the checkpoint."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = np.array([pos, has_gauss], dtype=np.int64)
-    return {
-        "numpy_keys": np.asarray(keys),
-        "numpy_state": numpy_state,
-        "numpy_gauss": np.array([gauss]),
-        "torch": torch.get_rng_state().numpy(),
-    }
-
-
-def restore_rng(checkpoint: Checkpoint) -> None:
-    """Continue every server-side random stream where the checkpointed run left it."""
-    version, state, gauss = checkpoint.meta["python_random"]
-    random.setstate((version, tuple(state), gauss))
-    rng = checkpoint.rng
-    pos, has_gauss = (int(v) for v in rng["numpy_state"])
-    np.random.set_state(
-        ("MT19937", rng["numpy_keys"], pos, has_gauss, float(rng["numpy_gauss"][0]))
-    )
-    torch.set_rng_state(torch.from_numpy(rng["torch"].copy()))
 
 
 class CentralEvaluation:
-    """Flower's `evaluate_fn`: test the global model, then write the round's results row."""
+    """The server's test of the global arrays: the model the method's server part evaluates
+    (FedPM: w_init * mask; BiFL: the binary network), and any side readings beside it."""
 
-    def __init__(
-        self,
-        config: RunConfig,
-        strategy: UplinkMixin,
-        recorder: RunRecorder,
-        evaluation: Evaluation,
-    ) -> None:
+    def __init__(self, config: RunConfig, part: ServerPart) -> None:
         self.config = config
-        self.strategy = strategy
-        self.recorder = recorder
-        self.evaluation = evaluation
+        self.part = part
         self.device = default_device()
         self.test = load_test_set(
             data_config(config, num_partitions=1), max_examples=config.max_test_examples or None
         )
         self.model = prepare_model(build_model_for(config), self.device)
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0 and self.strategy.round_offset:
-            return None  # a resumed run: its starting model was evaluated before the crash
-        server_round += self.strategy.round_offset
-        last = server_round == self.config.num_server_rounds
-        metrics: dict[str, float] = {}
-        extra: dict[str, float] = {}
-        if server_round == 0 or last or server_round % self.config.eval_every == 0:
-            # The global arrays need not be the tested weights (FedPM: theta; BiFL: latent).
-            weights = record_to_arrays(arrays)
-            extra = self.evaluation.eval_metrics(weights)
-            for name, side in self.evaluation.side_arrays(weights).items():
-                side_loss, side_accuracy = self._test(side)
-                extra |= {f"test_accuracy_{name}": side_accuracy, f"test_loss_{name}": side_loss}
-            loss, accuracy = self._test(self.evaluation.eval_arrays(weights))
-            metrics = {"test-loss": loss, "test-accuracy": accuracy}
-        if server_round == 0:
-            self.recorder.initial = {"accuracy": metrics["test-accuracy"]}
-        else:
-            self._record(server_round, metrics, extra)
-            self._checkpoint(server_round, arrays)
-        return MetricRecord(metrics) if metrics else None
+    def __call__(self, global_arrays: dict[str, np.ndarray]) -> dict[str, float]:
+        """test_accuracy and test_loss of the evaluated model, then the part's extra keys
+        (`eval_metrics`, ``test_accuracy_<name>`` / ``test_loss_<name>`` of side readings)."""
+        extra = self.part.eval_metrics(global_arrays)
+        for name, side in self.part.side_arrays(global_arrays).items():
+            side_loss, side_accuracy = self._test(side)
+            extra |= {f"test_accuracy_{name}": side_accuracy, f"test_loss_{name}": side_loss}
+        loss, accuracy = self._test(self.part.eval_arrays(global_arrays))
+        return {"test_accuracy": accuracy, "test_loss": loss, **extra}
 
     def _test(self, weights: dict[str, np.ndarray]) -> tuple[float, float]:
         """(loss, accuracy) of ``weights`` on the test set."""
@@ -194,41 +175,40 @@ class CentralEvaluation:
             device=self.device,
         )
 
-    def _checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
-        """After the round's row: the state to continue from if the server stops now."""
-        meta = {
-            "version": CHECKPOINT_VERSION,
-            "config": self.recorder.config,
-            "rows": self.recorder.rows,
-            "initial": self.recorder.initial,
-            "wall_seconds": self.recorder.wall_seconds,
-            "python_random": random.getstate(),
-        }
-        state = self.strategy.strategy_state()
-        checkpoint = Checkpoint(server_round, record_to_arrays(arrays), state, rng_arrays(), meta)
-        save_checkpoint(self.recorder.run_dir, checkpoint)
 
-    def _record(
-        self, server_round: int, metrics: dict[str, float], extra: dict[str, float] | None = None
+class RoundResults:
+    """Flower's `evaluate_fn`: score the global model when due (round 0, every `eval-every`
+    rounds, the last), then write the round's row and checkpoint. Rounds are the run's own:
+    a resumed run's Flower rounds start after ``offset``."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        evaluation: CentralEvaluation,
+        rounds: dict[int, RoundStats],
+        checkpointer: Checkpointer,
+        offset: int = 0,
     ) -> None:
-        stats = self.strategy.rounds[server_round]
-        num_params = self.strategy.spec.num_params
-        sent = max(stats.num_sent, 1)
-        self.recorder.add_round(
-            {
-                "round": server_round,
-                "method": self.config.method,
-                "test_accuracy": metrics.get("test-accuracy"),
-                "test_loss": metrics.get("test-loss"),
-                "uplink_bytes": stats.uplink_bytes,
-                "uplink_bits_per_param": stats.uplink_bits_per_param,
-                "downlink_bytes": stats.downlink_bytes,
-                "downlink_bits_per_param": 8 * stats.downlink_bytes / sent / num_params,
-                "num_replies": stats.num_replies,
-                "num_rejected": stats.num_rejected,
-                "round_seconds": time.monotonic() - stats.started,
-                "model_updated": stats.model_updated,
-                "train_loss": stats.train_metrics.get("train-loss"),
-                **(extra or {}),  # optional keys a method's server rule adds (e.g. model_sparsity)
-            }
+        self.config, self.evaluation, self.rounds = config, evaluation, rounds
+        self.checkpointer, self.recorder, self.offset = checkpointer, checkpointer.recorder, offset
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and self.offset:
+            return None  # a resumed run: its starting model was evaluated before the crash
+        server_round += self.offset
+        weights = record_to_arrays(arrays)
+        last = server_round == self.config.num_server_rounds
+        due = server_round == 0 or last or server_round % self.config.eval_every == 0
+        scores = self.evaluation(weights) if due else {}
+        if server_round == 0:
+            self.recorder.initial = {"accuracy": scores["test_accuracy"]}
+        else:
+            stats, num_params = self.rounds[server_round], self.recorder.num_params
+            row = round_row(server_round, self.config.method, stats, scores, num_params)
+            self.recorder.add_round(row)
+            self.checkpointer.save(server_round, weights)
+        if not scores:
+            return None
+        return MetricRecord(
+            {"test-loss": scores["test_loss"], "test-accuracy": scores["test_accuracy"]}
         )

@@ -14,7 +14,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fedbat_flwr.records import arrays_to_record, payload_to_record
-from fedbat_flwr.server_rules import ServerRule
+from fedbat_flwr.server_part import ServerPart
 from fedbat_flwr.strategy import build_strategy
 from fedbat_flwr.wire import (
     AlphaBounds,
@@ -47,11 +47,11 @@ BOUNDS = AlphaBounds(param=(5e-4, 5e-2), stat=(0.0, 10.0))
 CAP = 1000  # max-num-examples of every test strategy
 KBIT_BITS = 4
 
-# Kinds the plain strategy aggregates (FedBiF / FedPM kinds need their method's ServerRule).
+# Kinds the default server part aggregates (FedBiF / FedPM kinds need their method's own part).
 KINDS = ("signs", "signs-unbounded", "dense", "kbit", "sparse", "binary-weights")
 SIGN_KINDS = ("signs", "signs-unbounded")
-# Kinds with a ServerRule (`make_strategy` builds it); "fedpm-coded" is FedPM's range-coded
-# layout of the same payload kind, "fedpm-mask".
+# Kinds with a server part of their own (`make_strategy` builds it); "fedpm-coded" is FedPM's
+# range-coded layout of the same payload kind, "fedpm-mask".
 RULE_KINDS = ("fedbif-bits", "fedpm-mask", "fedpm-coded")
 ALL_KINDS = KINDS + RULE_KINDS
 PAYLOAD_KIND = {"fedpm-coded": "fedpm-mask"}
@@ -83,10 +83,9 @@ def make_strategy(
     **kwargs: object,
 ):
     """The server's strategy for `kind`, holding the global model of `global_arrays(seed)`
-    (for a rule kind: its rule, and the rule's global arrays made from that model)."""
-    rule = make_rule(kind, seed) if kind in RULE_KINDS else None
-    if rule is not None:
-        kwargs["rule"] = rule
+    (for a kind of FedBiF / FedPM: its method's server part, and the part's global arrays made
+    from that model)."""
+    part = make_part(kind, seed)
     strategy = build_strategy(
         aggregator,
         spec=SPEC,
@@ -95,25 +94,24 @@ def make_strategy(
         max_num_examples=CAP,
         num_examples_policy=policy,
         min_train_nodes=1,
+        part=part,
         **kwargs,
     )
-    strategy.global_arrays = (
-        global_arrays(seed) if rule is None else rule.initial(global_arrays(seed))
-    )
-    if aggregator in ("fedadam", "fedyogi"):
-        strategy.current_arrays = dict(strategy.global_arrays)
+    strategy.global_arrays = part.initial(global_arrays(seed))
     return strategy
 
 
-def make_rule(kind: str, seed: int = 0) -> ServerRule:
-    """FedBiF's rule (m = 4, one bit a round: bit 3 in round 1) or FedPM's (the reference
-    network is `global_arrays(seed)`)."""
-    from fedbat_flwr.methods.fedbif import FedBiFRule
-    from fedbat_flwr.methods.fedpm import FedPMRule
+def make_part(kind: str, seed: int = 0) -> ServerPart:
+    """FedBiF's part (m = 4, one bit a round: bit 3 in round 1), FedPM's (the reference
+    network is `global_arrays(seed)`) or the default one of every other kind."""
+    from fedbat_flwr.methods.fedbif import FedBiFPart
+    from fedbat_flwr.methods.fedpm import FedPMPart
 
     if kind == "fedbif-bits":
-        return FedBiFRule(SPEC, FEDBIF_BITS, 1, "cycle", seed=seed)
-    return FedPMRule(SPEC, global_arrays(seed), 1, seed=seed)
+        return FedBiFPart(SPEC, FEDBIF_BITS, 1, "cycle", seed=seed)
+    if kind in RULE_KINDS:
+        return FedPMPart(SPEC, global_arrays(seed), 1, seed=seed)
+    return ServerPart(SPEC)
 
 
 # -- valid payloads ------------------------------------------------------------------------------

@@ -18,12 +18,10 @@ from fedbat_flwr.methods import get_method
 from fedbat_flwr.methods.bifl import SignSTE
 from fedbat_flwr.methods.common import parametrized_weights
 from fedbat_flwr.records import arrays_to_record
-from fedbat_flwr.results import RunRecorder
-from fedbat_flwr.server_rules import BinaryNetworkEvaluation, binary_network
-from fedbat_flwr.strategy import RoundStats, build_strategy
+from fedbat_flwr.results import Checkpointer, RoundStats, RunRecorder
+from fedbat_flwr.server_part import BinaryNetworkPart, ServerPart, binary_network
 from fedbat_flwr.task import build_model_for, load_state, model_spec, state_arrays
 from fedbat_flwr.training import evaluate
-from fedbat_flwr.wire import AlphaBounds
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,8 +81,8 @@ def test_binary_network_computes_what_the_clients_forward_pass_computes() -> Non
 def test_bifl_variants_are_evaluated_as_binary_networks(name: str) -> None:
     model = tiny_model()
     spec = model_spec(model)
-    evaluation = get_method(name).evaluation(RunConfig(method=name), spec)
-    assert isinstance(evaluation, BinaryNetworkEvaluation)
+    evaluation = get_method(name)(RunConfig(method=name)).server_part(spec)
+    assert isinstance(evaluation, BinaryNetworkPart)
     weights = state_arrays(model)
     tested = evaluation.eval_arrays(weights)
     for key, value in binary_network(spec, weights).items():
@@ -92,7 +90,7 @@ def test_bifl_variants_are_evaluated_as_binary_networks(name: str) -> None:
     latent = evaluation.side_arrays(weights)["latent"]
     for key, value in weights.items():
         np.testing.assert_array_equal(latent[key], value)
-    assert get_method("fedavg").evaluation(RunConfig(), spec) is None
+    assert type(get_method("fedavg")(RunConfig()).server_part(spec)) is ServerPart
 
 
 def test_central_evaluation_scores_the_binary_network_and_the_latent_beside_it(
@@ -111,19 +109,13 @@ def test_central_evaluation_scores_the_binary_network_and_the_latent_beside_it(
             if p.dim() >= 2:
                 p.mul_(5.0)
     weights = state_arrays(model)
-    strategy = build_strategy(
-        "fedavg",
-        spec=spec,
-        payload_kind="binary-weights",
-        bounds=AlphaBounds(),
-        max_num_examples=1000,
-    )
-    strategy.rounds[1] = RoundStats()
     recorder = RunRecorder.continuing(None, tmp_path / "run", "bifl", {}, spec.num_params, 1)
-    evaluation = get_method("bifl").evaluation(config, spec)
-    central = server_app.CentralEvaluation(config, strategy, recorder, evaluation)
+    part = get_method("bifl")(config).server_part(spec)
+    central = server_app.CentralEvaluation(config, part)
+    checkpointer = Checkpointer(recorder, dict, lambda state: None)
+    results = server_app.RoundResults(config, central, {1: RoundStats()}, checkpointer)
     record: ArrayRecord = arrays_to_record(weights)
-    central(1, record)
+    results(1, record)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
 
     def score(arrays: dict[str, np.ndarray]) -> tuple[float, float]:

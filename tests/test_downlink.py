@@ -19,6 +19,7 @@ from fedbat_flwr.records import (
     record_to_payload,
     wire_bytes,
 )
+from fedbat_flwr.server_part import ServerPart
 from fedbat_flwr.strategy import build_strategy
 from fedbat_flwr.task import build_model_for, model_spec, state_arrays
 from fedbat_flwr.wire import AlphaBounds, ModelSpec, PayloadError, TensorSpec
@@ -158,7 +159,7 @@ def _strategy(kind: str, bits: int):
         bounds=AlphaBounds(),
         max_num_examples=1000,
         min_train_nodes=1,
-        broadcast=Broadcast(SPEC, bits, seed=7),
+        part=ServerPart(SPEC, Broadcast(SPEC, bits, seed=7)),
     )
 
 
@@ -172,7 +173,7 @@ def test_server_sends_the_quantized_copy_and_counts_its_bytes(in_a_run: None) ->
     for t in SPEC:  # the master stays float32, untouched by the broadcast
         np.testing.assert_array_equal(strategy.global_arrays[t.name], master[t.name])
     # The same (run seed, round) gives the same bytes: a resumed round re-sends its broadcast.
-    again = _strategy("signs", 4).broadcast.encode(master, 1)
+    again = _strategy("signs", 4).part.broadcast.encode(master, 1)
     np.testing.assert_array_equal(record_to_payload(again)["codes"], sent[0]["codes"])
 
 
@@ -182,7 +183,7 @@ def test_weights_trained_from_the_broadcast_move_the_master(in_a_run: None) -> N
     strategy = _strategy("dense", 2)
     master = _weights(5)
     strategy.configure_train(1, arrays_to_record(master), ConfigRecord(), _Grid())
-    sent = strategy.broadcast.sent
+    sent = strategy.part.broadcast.sent
     change = {t.name: np.full(t.shape, 0.01, np.float32) for t in SPEC}
     trained = SPEC.apply(sent, change)
     arrays, _ = strategy.aggregate_train(1, [reply(1, arrays_to_record(trained))])

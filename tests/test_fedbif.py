@@ -11,7 +11,7 @@ from torch import nn
 
 from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.methods import LocalTask, get_method
-from fedbat_flwr.methods.fedbif import ActiveBits, FedBiFRule, active_bits, inherit
+from fedbat_flwr.methods.fedbif import ActiveBits, FedBiFPart, active_bits, inherit
 from fedbat_flwr.records import payload_to_record, record_to_payload, wire_bytes
 from fedbat_flwr.strategy import build_strategy
 from fedbat_flwr.task import build_model_for, load_state, model_spec, state_arrays
@@ -208,10 +208,10 @@ def test_active_bits_parametrization_forward_and_straight_through_gradient() -> 
     torch.testing.assert_close(part.virtual.grad, expected)
 
 
-# --- the server rule: Eq. 6 ---------------------------------------------------------------
+# --- the server part: Eq. 6 ---------------------------------------------------------------
 
 
-def _uplink(rule: FedBiFRule, b3: list[int], sign: bool, step: float) -> object:
+def _uplink(part: FedBiFPart, b3: list[int], sign: bool, step: float) -> object:
     planes = {"conv.weight": np.array(b3, bool).reshape(1, 1, 2)}
     signs = {"bn.weight": np.full(2, sign), "bn.running_var": np.full(2, sign)}
     payload = encode_fedbif_bits(SPEC, 4, [3], planes, signs, dict.fromkeys(signs, step))
@@ -220,29 +220,29 @@ def _uplink(rule: FedBiFRule, b3: list[int], sign: bool, step: float) -> object:
 
 def test_eq6_aggregation_hand_example() -> None:
     """theta = alpha (mean_k 2^3 b3_k + frozen bits - 8); BN: float16 sent + mean step."""
-    rule = FedBiFRule(SPEC, 4, 1, "cycle", seed=0)
+    part = FedBiFPart(SPEC, 4, 1, "cycle", seed=0)
     # alpha = 0.8 / 8 = 0.1; theta / alpha = -8, 4 exactly: codes 0 (0000) and 12 (1100).
     glob = {
         "conv.weight": np.array([[-0.8, 0.4]], np.float32),
         "bn.weight": np.array([1.0, 0.5], np.float32),
         "bn.running_var": np.array([2.0, 1.0], np.float32),
     }
-    a = _uplink(rule, [1, 0], True, 0.25)  # client A sets b3 of entry 0, clears it in entry 1
-    b = _uplink(rule, [0, 1], False, 0.75)
-    new = rule.aggregate(glob, [(10, a), (10, b)], server_round=1)  # Eq. 6: 1/|C| weights
+    a = _uplink(part, [1, 0], True, 0.25)  # client A sets b3 of entry 0, clears it in entry 1
+    b = _uplink(part, [0, 1], False, 0.75)
+    new = part.aggregate(glob, [(10, a), (10, b)], server_round=1)  # Eq. 6: 1/|C| weights
     # entry 0: 0.1 * (8/2 + 0 - 8) = -0.4; entry 1: 0.1 * (8/2 + 4 - 8) = 0
     np.testing.assert_allclose(new["conv.weight"], [[-0.4, 0.0]], atol=1e-7)
     np.testing.assert_allclose(new["bn.weight"], [0.75, 0.25])  # + (0.25 - 0.75) / 2
     np.testing.assert_allclose(new["bn.running_var"], [2.0 * np.exp(-0.25), np.exp(-0.25)])
-    uneven = rule.aggregate(glob, [(30, a), (10, b)], server_round=1)  # p_k = n_k / sum n
+    uneven = part.aggregate(glob, [(30, a), (10, b)], server_round=1)  # p_k = n_k / sum n
     np.testing.assert_allclose(uneven["conv.weight"], [[0.1 * (6 - 8), 0.1 * (2 + 4 - 8)]])
 
 
 def test_strategy_rejects_bits_of_another_round() -> None:
-    rule = FedBiFRule(SPEC, 4, 1, "cycle", seed=0)
+    part = FedBiFPart(SPEC, 4, 1, "cycle", seed=0)
     strategy = build_strategy(
         "fedavg", spec=SPEC, payload_kind="fedbif-bits", bounds=BOUNDS,
-        max_num_examples=100, min_train_nodes=1, rule=rule,
+        max_num_examples=100, min_train_nodes=1, part=part,
     )  # fmt: skip
     strategy.global_arrays = {
         "conv.weight": np.array([[-0.8, 0.4]], np.float32),
@@ -266,8 +266,8 @@ def test_cnn4_downlink_is_at_most_4_1_bits_per_parameter() -> None:
     config = RunConfig(method="fedbif")
     model = build_model_for(config)
     spec = model_spec(model)
-    rule = get_method("fedbif").server_rule(config, spec)
-    record = payload_to_record(rule.downlink(rule.initial(state_arrays(model)), 1))
+    part = get_method("fedbif")(config).server_part(spec)
+    record = payload_to_record(part.payload(part.initial(state_arrays(model)), 1))
     bpp = 8 * wire_bytes(record) / spec.num_params
     assert 4.0 < bpp <= 4.1, bpp
 
@@ -294,18 +294,18 @@ def test_client_round_trains_the_activated_bit_and_inherits_virtual_bits() -> No
     config = RunConfig(method="fedbif", lr=0.5, local_epochs=2)
     torch.manual_seed(0)
     spec = model_spec(nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3)))
-    rule = get_method("fedbif").server_rule(config, spec)
-    glob = rule.initial(
+    part = get_method("fedbif")(config).server_part(spec)
+    glob = part.initial(
         state_arrays(nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3)))
     )
     state: dict[str, np.ndarray] = {}
     for server_round in (1, 2):
-        down = record_to_payload(payload_to_record(rule.downlink(glob, server_round)))
+        down = record_to_payload(payload_to_record(part.payload(glob, server_round)))
         task = _tiny(config, down, state, server_round)
         before = {k: v.copy() for k, v in state.items()}
         update = get_method("fedbif")(config).train(task)
         decoded = decode_payload("fedbif-bits", update.payload, spec, BOUNDS)
-        rule.check(decoded, server_round)
+        part.check(decoded, server_round)
         assert decoded.view.active == active_bits("cycle", 4, 1, 42, server_round)
         virtual = state["virtual-bits/1.weight"]
         assert virtual.shape == (4, 3, 4)
@@ -317,7 +317,7 @@ def test_client_round_trains_the_activated_bit_and_inherits_virtual_bits() -> No
             np.testing.assert_array_equal(
                 np.abs(virtual[frozen]), np.abs(before["virtual-bits/1.weight"][frozen])
             )
-        glob = rule.aggregate(glob, [(32, decoded)], server_round)
+        glob = part.aggregate(glob, [(32, decoded)], server_round)
         assert all(np.isfinite(v).all() for v in glob.values())
         assert set(update.metrics) == {"train-loss", "flipped-bits"}
 
@@ -331,20 +331,21 @@ def test_bad_options_name_the_key(key: str, value: object) -> None:
         get_method("fedbif")(RunConfig(extra={key: value}))
 
 
-def test_rule_refuses_another_aggregator() -> None:
+def test_method_refuses_another_aggregator() -> None:
+    """FedBiF aggregates with its own Eq. 6: instantiating it with another aggregator fails."""
     with pytest.raises(ConfigError, match="'aggregator'"):
-        get_method("fedbif").server_rule(RunConfig(method="fedbif", aggregator="fedadam"), SPEC)
+        get_method("fedbif")(RunConfig(method="fedbif", aggregator="fedadam"))
 
 
 def test_weights_all_clients_keep_at_zero_stay_exactly_zero() -> None:
     """Ten equal clients (p_k = 0.1, not exact in binary) that all keep q = 0: theta is 0.0."""
-    rule = FedBiFRule(SPEC, 4, 1, "cycle", seed=0)
+    part = FedBiFPart(SPEC, 4, 1, "cycle", seed=0)
     glob = {
         "conv.weight": np.array([[0.0, 0.8]], np.float32),  # q = 0 (code 8: b3 = 1) and 7
         "bn.weight": np.ones(2, np.float32),
         "bn.running_var": np.ones(2, np.float32),
     }
-    replies = [(7, _uplink(rule, [1, 0], True, 0.0)) for _ in range(10)]
-    new = rule.aggregate(glob, replies, server_round=1)
+    replies = [(7, _uplink(part, [1, 0], True, 0.0)) for _ in range(10)]
+    new = part.aggregate(glob, replies, server_round=1)
     assert new["conv.weight"][0, 0] == 0.0
-    assert rule.eval_metrics(new) == {"model_sparsity": 0.5}
+    assert part.eval_metrics(new) == {"model_sparsity": 0.5}

@@ -14,7 +14,7 @@ from torch import nn
 from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.methods import LocalTask, get_method
 from fedbat_flwr.methods.fedpm import (
-    FedPMRule,
+    FedPMPart,
     SampledMask,
     _score,
     posterior_theta,
@@ -101,40 +101,40 @@ def hand_replies() -> list:
 def test_beta_posterior_mode_hand_example() -> None:
     """Beta(1, 1) + 3 masks: a = 1 + ones, b = 1 + K - ones, theta = (a - 1) / (a + b - 2),
     the fraction of clients that kept the entry."""
-    rule = FedPMRule(SPEC, REFERENCE, prior_reset=1, seed=0)
-    glob = rule.initial(REFERENCE)
+    part = FedPMPart(SPEC, REFERENCE, prior_reset=1, seed=0)
+    glob = part.initial(REFERENCE)
     np.testing.assert_array_equal(glob["conv.weight"], np.full((1, 3), 0.5))
-    new = rule.aggregate(glob, hand_replies(), server_round=1)
+    new = part.aggregate(glob, hand_replies(), server_round=1)
     np.testing.assert_allclose(new["conv.weight"], [[3 / 3, 1 / 3, 1 / 3]], rtol=1e-7)
-    assert rule.eval_mask(new)["conv.weight"][0, 0]  # every client kept it: always kept
+    assert part.eval_mask(new)["conv.weight"][0, 0]  # every client kept it: always kept
     np.testing.assert_array_equal(new["bn.weight"], REFERENCE["bn.weight"])  # frozen
     step = (10 * 0.3 - 30 * 0.1) / 60  # example-weighted mean of alpha * sign: 0
     np.testing.assert_allclose(new["bn.running_var"], np.exp(step) * np.ones(2), atol=1e-7)
 
 
 def test_beta_posterior_mean_is_an_option() -> None:
-    rule = FedPMRule(SPEC, REFERENCE, prior_reset=1, seed=0, theta="mean")
-    new = rule.aggregate(rule.initial(REFERENCE), hand_replies(), server_round=1)
+    part = FedPMPart(SPEC, REFERENCE, prior_reset=1, seed=0, theta="mean")
+    new = part.aggregate(part.initial(REFERENCE), hand_replies(), server_round=1)
     np.testing.assert_allclose(new["conv.weight"], [[4 / 5, 2 / 5, 2 / 5]], rtol=1e-7)
     config = RunConfig(method="fedpm", extra={"fedpm-theta": "mean"})
     spec = ModelSpec((TensorSpec("features.0.weight", (32, 1, 3, 3)),))
-    assert get_method("fedpm").server_rule(config, spec).theta_rule == "mean"
-    assert get_method("fedpm").server_rule(RunConfig(method="fedpm"), spec).theta_rule == "mode"
+    assert get_method("fedpm")(config).server_part(spec).theta_rule == "mean"
+    assert get_method("fedpm")(RunConfig(method="fedpm")).server_part(spec).theta_rule == "mode"
 
 
 def test_prior_resets_every_n_rounds() -> None:
-    rule = FedPMRule(SPEC, REFERENCE, prior_reset=2, seed=0)
-    glob = rule.initial(REFERENCE)
+    part = FedPMPart(SPEC, REFERENCE, prior_reset=2, seed=0)
+    glob = part.initial(REFERENCE)
     ones = [(1, uplink([1, 1, 0]))]
     zeros = [(1, uplink([0, 0, 0]))]
-    glob = rule.aggregate(glob, ones, 1)  # reset, a = 2, 2, 1; b = 1, 1, 2
+    glob = part.aggregate(glob, ones, 1)  # reset, a = 2, 2, 1; b = 1, 1, 2
     np.testing.assert_allclose(glob["conv.weight"], [[1, 1, 0]])
-    glob = rule.aggregate(glob, zeros, 2)  # accumulates: a = 2, 2, 1; b = 2, 2, 3
+    glob = part.aggregate(glob, zeros, 2)  # accumulates: a = 2, 2, 1; b = 2, 2, 3
     np.testing.assert_allclose(glob["conv.weight"], [[1 / 2, 1 / 2, 0]])
-    glob = rule.aggregate(glob, zeros, 3)  # reset again: a = 1; b = 2
+    glob = part.aggregate(glob, zeros, 3)  # reset again: a = 1; b = 2
     np.testing.assert_allclose(glob["conv.weight"], [[0, 0, 0]])
-    state = rule.state()
-    fresh = FedPMRule(SPEC, REFERENCE, prior_reset=2, seed=0)
+    state = part.state()
+    fresh = FedPMPart(SPEC, REFERENCE, prior_reset=2, seed=0)
     fresh.load_state(state)
     np.testing.assert_array_equal(fresh.a["conv.weight"], [[1, 1, 1]])
     with pytest.raises(ValueError, match="state keys"):
@@ -148,15 +148,15 @@ def test_client_moves_a_theta_of_zero_or_one() -> None:
 
 
 def test_evaluated_model_is_reference_times_a_mask_from_theta() -> None:
-    rule = FedPMRule(SPEC, REFERENCE, prior_reset=1, seed=0)
-    glob = rule.initial(REFERENCE)
+    part = FedPMPart(SPEC, REFERENCE, prior_reset=1, seed=0)
+    glob = part.initial(REFERENCE)
     glob["conv.weight"] = np.array([[1.0, 0.0, 1.0]], np.float32)
-    weights = rule.eval_arrays(glob)
+    weights = part.eval_arrays(glob)
     np.testing.assert_array_equal(weights["conv.weight"], [[0.5, 0.0, 0.5]])
-    assert rule.eval_metrics(glob) == {"model_sparsity": pytest.approx(1 / 3)}
+    assert part.eval_metrics(glob) == {"model_sparsity": pytest.approx(1 / 3)}
     glob["conv.weight"] = np.full((1, 3), 0.5, np.float32)
-    first = rule.eval_arrays(glob)["conv.weight"]
-    np.testing.assert_array_equal(first, rule.eval_arrays(glob)["conv.weight"])  # fixed uniforms
+    first = part.eval_arrays(glob)["conv.weight"]
+    np.testing.assert_array_equal(first, part.eval_arrays(glob)["conv.weight"])  # fixed uniforms
     assert set(np.abs(first).reshape(-1).tolist()) <= {0.0, 0.5}
 
 
@@ -282,9 +282,9 @@ def test_client_round_sends_a_mask_the_rule_aggregates(coded: bool) -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3))
     spec = model_spec(model)
     reference = state_arrays(model)
-    rule = FedPMRule(spec, reference, prior_reset=1, seed=0)
-    glob = rule.initial(reference)
-    down = record_to_payload(payload_to_record(rule.downlink(glob, 1)))
+    part = FedPMPart(spec, reference, prior_reset=1, seed=0)
+    glob = part.initial(reference)
+    down = record_to_payload(payload_to_record(part.payload(glob, 1)))
     method = get_method("fedpm")(config)
     state: dict[str, np.ndarray] = {}
     global_state = {**reference, **validate_fedpm_probs(down, spec).stats}
@@ -297,9 +297,9 @@ def test_client_round_sends_a_mask_the_rule_aggregates(coded: bool) -> None:
     update = method.train(task)
     assert int(update.payload["header"][2]) == (20 if coded else 19)
     decoded = decode_payload("fedpm-mask", update.payload, spec, BOUNDS)
-    rule.check(decoded, 1)
+    part.check(decoded, 1)
     assert 0.0 <= update.metrics["mask-density"] <= 1.0
-    new = rule.aggregate(glob, [(32, decoded)], 1)
+    new = part.aggregate(glob, [(32, decoded)], 1)
     mask = decoded.view.mask("1.weight").reshape(3, 4)
     np.testing.assert_allclose(new["1.weight"], mask)  # mode of Beta(1, 1) + one mask
     assert all(p.requires_grad for p in task.model.parameters())  # the model is left as found

@@ -71,7 +71,7 @@ FLOWER = ("fedavg", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 AGGREGATORS = (
     {kind: FLOWER for kind in KINDS}
     | {kind: (*FLOWER, "majority", "sign-median") for kind in SIGN_KINDS}
-    | {kind: ("fedavg",) for kind in RULE_KINDS}  # a ServerRule replaces the aggregation
+    | {kind: ("fedavg",) for kind in RULE_KINDS}  # their server part aggregates itself
 )
 # What the cases saw (the long profile's report): cases, accepted / rejected mutants, and per
 # kind the largest |change| / documented bound of any accepted reply.

@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message
 
-from fedbat_flwr.methods.fedpm import FedPMRule
 from fedbat_flwr.records import payload_to_record, record_to_arrays, record_to_payload
 from fedbat_flwr.wire import PayloadError, decode_payload
 from fedbat_flwr.wire.fedpm import encode_fedpm_mask, fedpm_groups
-from tests.payloads import BOUNDS, SPEC, global_arrays, make_strategy, to_record, valid_payload
+from tests.payloads import BOUNDS, SPEC, make_strategy, to_record, valid_payload
 from tests.strategy_helpers import reply
 
 
@@ -176,9 +175,7 @@ def test_fedpm_header_of_another_dtype_or_shape_is_a_payload_error(case: str) ->
 
 
 def test_fedpm_float_header_is_one_rejection() -> None:
-    rule = FedPMRule(SPEC, global_arrays(), 1, seed=0)
-    strategy = make_strategy("fedpm-mask", rule=rule)
-    strategy.global_arrays = rule.initial(global_arrays())
+    strategy = make_strategy("fedpm-mask")  # FedPM's server part, reference global_arrays()
     honest = [reply(i, payload_to_record(_fedpm_payload()), 50) for i in (1, 2)]
     hostile = reply(99, payload_to_record({**_fedpm_payload(), "header": FEDPM_HEADERS["nan"]}))
     arrays, _ = strategy.aggregate_train(1, [*honest, hostile])
@@ -219,7 +216,7 @@ def test_an_exception_in_the_aggregation_itself_still_fails_loudly(
     def broken(*args: object) -> None:
         raise RuntimeError("aggregation bug")
 
-    monkeypatch.setattr(strategy, "_aggregate", broken)
+    monkeypatch.setattr(strategy.aggregator, "aggregate", broken)
     with pytest.raises(RuntimeError, match="aggregation bug"):
         strategy.aggregate_train(1, _honest())
 

@@ -17,7 +17,7 @@ import tomllib
 
 from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.methods import get_method
-from fedbat_flwr.methods.fedbif import FedBiFRule
+from fedbat_flwr.methods.fedbif import FedBiFPart
 from fedbat_flwr.records import payload_to_record, record_to_arrays
 from fedbat_flwr.strategy import build_strategy
 from fedbat_flwr.wire import (
@@ -139,10 +139,10 @@ def test_fedbif_affine_steps_are_bounded_by_max_update_entry_not_the_stat_bound(
         decode_payload("fedbif-bits", _bif_uplink(20.0, 1.0), BIF_SPEC, bounds)
     with pytest.raises(PayloadError, match=r"bn\.running_var"):
         decode_payload("fedbif-bits", _bif_uplink(0.1, 20.5), BIF_SPEC, bounds)
-    rule = FedBiFRule(BIF_SPEC, 4, 1, "cycle", seed=0)
+    part = FedBiFPart(BIF_SPEC, 4, 1, "cycle", seed=0)
     strategy = build_strategy(
         "fedavg", spec=BIF_SPEC, payload_kind="fedbif-bits", bounds=bounds,
-        max_num_examples=100, min_train_nodes=1, rule=rule,
+        max_num_examples=100, min_train_nodes=1, part=part,
     )  # fmt: skip
     strategy.global_arrays = {
         "conv.weight": np.array([[-0.8, 0.4]], np.float32),

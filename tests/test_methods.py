@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fedbat_flwr.aggregators import MajorityVote
 from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.methods import LocalTask, get_method, method_names
 from fedbat_flwr.methods.bifl import SignSTE
@@ -25,7 +26,7 @@ from fedbat_flwr.records import (
     record_to_arrays,
     record_to_payload,
 )
-from fedbat_flwr.strategy import Accepted, FedBATStrategy, SignMajorityStrategy, build_strategy
+from fedbat_flwr.strategy import build_strategy
 from fedbat_flwr.task import load_state, model_spec, state_arrays
 from fedbat_flwr.training import TensorBatches
 from fedbat_flwr.wire import (
@@ -39,6 +40,7 @@ from fedbat_flwr.wire import (
     validate_signs,
 )
 from fedbat_flwr.wire.kbit import level_values, unpack_uint
+from tests.strategy_helpers import reply
 
 CPU = torch.device("cpu")
 PARAMS = ("1.weight", "2.weight", "2.bias")
@@ -73,7 +75,9 @@ def tiny_task(
         global_state=state_arrays(model),
         spec=model_spec(model),
         batches=TensorBatches(x, y, 8, gen),
-        config=config or RunConfig(lr=0.5),
+        # 1-bit BatchNorm: these tests pin every tensor's payload (float BatchNorm, the default:
+        # tests/test_bn_payload.py).
+        config=config or RunConfig(lr=0.5, bn_payload="binary"),
         device=CPU,
         seed=seed,
         server_round=1,
@@ -406,30 +410,33 @@ def test_majority_vote_hand_example() -> None:
     np.testing.assert_array_equal(three["w"], [2.0, -2.0, 2.0, -2.0])
 
 
-def _strategy(cls: type, kind: str):
-    strategy = cls(
-        spec=VOTE_SPEC,
+def _strategy(kind: str, spec: ModelSpec = VOTE_SPEC, aggregator: str = "majority"):
+    """The server's strategy for ``kind``, global model all ones."""
+    strategy = build_strategy(
+        aggregator,
+        spec=spec,
         payload_kind=kind,
         bounds=AlphaBounds(param=(0.0, 10.0), update=100.0),  # EF-SignSGD-like alphas up to 90
         max_num_examples=100,
         fraction_train=1.0,
         min_train_nodes=1,
     )
-    strategy.global_arrays = {"w": np.ones(4, np.float32), "bn.running_var": np.ones(1, np.float32)}
+    strategy.global_arrays = {t.name: np.ones(t.shape, np.float32) for t in spec}
     return strategy
 
 
 def test_majority_strategy_applies_the_vote() -> None:
-    strategy = _strategy(SignMajorityStrategy, "signs-unbounded")
-    kind, bounds = "signs-unbounded", strategy.bounds
-    accepted = [
-        Accepted(None, 10**6, 0, decode_payload(kind, _vote_payload(s, a, st), VOTE_SPEC, bounds))  # type: ignore[arg-type]
-        for s, a, st in VOTES
+    strategy = _strategy("signs-unbounded")
+    assert isinstance(strategy.aggregator, MajorityVote)
+    replies = [
+        reply(i, payload_to_record(_vote_payload(s, a, st)), num_examples=10**6)
+        for i, (s, a, st) in enumerate(VOTES, start=1)
     ]
-    new = record_to_arrays(strategy._stream_mean(accepted))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    new = record_to_arrays(arrays)
     np.testing.assert_allclose(new["w"], 1 + VOTE_DELTA["w"])
     np.testing.assert_allclose(new["bn.running_var"], [1.0])  # exp(0)
-    assert isinstance(build_strategy("majority", **_kwargs("signs")), SignMajorityStrategy)
+    assert isinstance(build_strategy("majority", **_kwargs("signs")).aggregator, MajorityVote)
     with pytest.raises(ValueError, match="needs a sign payload"):
         build_strategy("majority", **_kwargs("kbit"))
 
@@ -445,14 +452,16 @@ def _kwargs(kind: str) -> dict[str, object]:
 
 def test_absolute_payloads_average_into_the_new_model() -> None:
     task_a, task_b = tiny_task(seed=3), tiny_task(seed=4)
-    _, _, dec_a = run("bifl", task_a)
-    _, _, dec_b = run("bifl", task_b)
-    strategy = _strategy(FedBATStrategy, "binary-weights")
-    strategy.spec = task_a.spec
+    up_a, _, dec_a = run("bifl", task_a)
+    up_b, _, dec_b = run("bifl", task_b)
+    strategy = _strategy("binary-weights", task_a.spec, "fedavg")
     strategy.global_arrays = {k: np.full_like(v, 7.0) for k, v in task_a.global_state.items()}
-    new = record_to_arrays(
-        strategy._stream_mean([Accepted(None, 1, 0, dec_a), Accepted(None, 3, 0, dec_b)])
-    )  # type: ignore[arg-type]
+    replies = [
+        reply(1, payload_to_record(up_a.payload), num_examples=1),
+        reply(2, payload_to_record(up_b.payload), num_examples=3),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    new = record_to_arrays(arrays)
     wa, wb = dec_a.delta(), dec_b.delta()
     for name in task_a.spec.names:  # the weighted mean of weights, not global + mean
         np.testing.assert_allclose(new[name], 0.25 * wa[name] + 0.75 * wb[name], rtol=1e-6)

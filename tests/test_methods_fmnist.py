@@ -2,7 +2,7 @@
 
 CNN4 on 64 real Fashion-MNIST examples (one local epoch = one batch): the client side is built
 as in `client_app.train`, the reply travels as an ArrayRecord, and the server side validates it
-with the strategy's codec and bounds (as `server_app` builds them) and applies it.
+and aggregates it through the strategy and the method's server part, as `server_app` builds them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from fedbat_flwr.records import (
     record_to_arrays,
     record_to_payload,
 )
+from fedbat_flwr.strategy import build_strategy
 from fedbat_flwr.task import (
     build_model_for,
     data_config,
@@ -28,7 +29,7 @@ from fedbat_flwr.task import (
     state_arrays,
 )
 from fedbat_flwr.training import evaluate
-from fedbat_flwr.wire import decode_payload
+from tests.strategy_helpers import reply
 
 NUM_PARTITIONS = 10
 PARTITION = 3
@@ -53,14 +54,10 @@ def test_method_round_trip_on_cnn4(name: str, partition) -> None:
     server_round = 1
     initial = build_model_for(config)
     spec = model_spec(initial)
-    # What the ServerApp sends: the dense model, or a server rule's own downlink payload.
-    rule = get_method(name).server_rule(config, spec)
-    server_global = state_arrays(initial) if rule is None else rule.initial(state_arrays(initial))
-    global_record = (
-        arrays_to_record(server_global)
-        if rule is None
-        else payload_to_record(rule.downlink(server_global, server_round))
-    )
+    # What the ServerApp sends: the downlink of the method's server part.
+    part = get_method(name)(config).server_part(spec)
+    server_global = part.initial(state_arrays(initial))
+    global_record = part.downlink(server_global, server_round)
 
     # Client side, as client_app.train builds it.
     method = get_method(config.method)(config)
@@ -82,17 +79,21 @@ def test_method_round_trip_on_cnn4(name: str, partition) -> None:
         restored = record_to_arrays(arrays_to_record(task.state))
         assert set(restored) == set(task.state)
 
-    # Server side, as UplinkMixin._accept + _stream_mean / _as_dense (or the rule) do it.
-    bounds = get_method(name).step_bounds(config)
-    decoded = decode_payload(method.payload_kind, record_to_payload(record), spec, bounds)
-    if rule is not None:
-        rule.check(decoded, server_round)
-        new = rule.eval_arrays(rule.aggregate(server_global, [(64, decoded)], server_round))
-        server_global = rule.eval_arrays(server_global)
-    elif decoded.absolute:
-        new = decoded.delta()
-    else:
-        new = spec.apply(server_global, decoded.delta())
+    # Server side, through the strategy the ServerApp builds: validate, then aggregate.
+    strategy = build_strategy(
+        method.aggregator(config),
+        part=part,
+        spec=spec,
+        payload_kind=method.payload_kind,
+        bounds=method.step_bounds(config),
+        max_num_examples=config.max_num_examples,
+        min_train_nodes=1,
+    )
+    strategy.global_arrays = server_global
+    arrays, _ = strategy.aggregate_train(server_round, [reply(1, record, 64, **update.metrics)])
+    assert arrays is not None and strategy.rounds[server_round].num_rejected == 0
+    new = part.eval_arrays(record_to_arrays(arrays))
+    server_global = part.eval_arrays(server_global)
     assert set(new) == set(spec.names)
     for tensor_name, value in new.items():
         assert value.shape == spec[tensor_name].shape

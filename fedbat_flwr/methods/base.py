@@ -1,8 +1,10 @@
-"""What a method is: a client transform (torch) plus the payload kind the server decodes.
+"""What a method is: a client part (torch), the payload kind the server decodes, a server part.
 
-A method file defines one `Method` subclass and decorates it with `@register`. The ClientApp
-looks the method up by the run config's `method` and calls `train`; the strategy looks up the
-payload kind's codec in `fedbat_flwr.wire`. Adding a method therefore edits no other file.
+A method file defines one `Method` subclass and decorates it with `@register`. Both apps look the
+method up by the run config's `method` and instantiate it once, which checks every option it
+reads. The ClientApp calls `train`; the ServerApp asks for `server_part` (downlink,
+aggregation, evaluation, state) and the strategy decodes replies with the payload kind's codec
+in `fedbat_flwr.wire`. Adding a method therefore edits no other file.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..broadcast import Broadcast
 from ..config import ConfigError, RunConfig
 from ..data import TensorData
-from ..server_rules import Evaluation, ServerRule
+from ..server_part import ServerPart
 from ..task import build_model_for, client_seed, load_state, model_spec
 from ..training import TensorBatches, default_device, prepare_model
 from ..wire import AlphaBounds, ModelSpec
@@ -55,7 +58,7 @@ class ClientUpdate:
 
 
 class Method(ABC):
-    """One training method (FedBAT or a baseline), client side."""
+    """One training method (FedBAT or a baseline): its client part and its server part."""
 
     name: ClassVar[str]
     payload_kind: ClassVar[str]  # the wire codec the server decodes replies with
@@ -83,11 +86,16 @@ class Method(ABC):
         """
         return config.aggregator
 
-    @classmethod
-    def server_rule(cls, config: RunConfig, spec: ModelSpec) -> ServerRule | None:
-        """The method's own server side (docs/ARCHITECTURE.md, "Methods"), or None: the dense
-        model goes down and the strategy averages the decoded replies."""
-        return None
+    def server_part(self, spec: ModelSpec) -> ServerPart:
+        """This method's server side (docs/ARCHITECTURE.md, "Methods"). Default: broadcast the
+        model (quantized with `downlink-bits` < 32), aggregate with the run's `aggregator`,
+        evaluate the weights as they are."""
+        return ServerPart(spec, self.broadcast(spec))
+
+    def broadcast(self, spec: ModelSpec) -> Broadcast:
+        """The model broadcast of this run (`downlink-bits`, noise from the run's seed), for a
+        server part that sends the model as the default one does."""
+        return Broadcast(spec, self.config.downlink_bits, self.config.seed)
 
     @classmethod
     def step_bounds(cls, config: RunConfig) -> AlphaBounds:
@@ -101,12 +109,6 @@ class Method(ABC):
             update=config.max_update_entry,
         )
 
-    @classmethod
-    def evaluation(cls, config: RunConfig, spec: ModelSpec) -> Evaluation | None:
-        """What the server tests when the method has no `server_rule` but its clients do not
-        run the global weights as they are (BiFL: a binary network), or None: the weights."""
-        return None
-
     def receive(
         self,
         payload: Mapping[str, np.ndarray],
@@ -116,8 +118,8 @@ class Method(ABC):
         """The model state (every spec tensor) this client starts from, out of the downlink.
 
         Default: the payload is the dense global model, or with `downlink-bits` < 32 its
-        quantized broadcast (validated: PayloadError). A method with a `server_rule` decodes
-        its own downlink here; ``state`` is the client's memory, for a downlink that only makes
+        quantized broadcast (validated: PayloadError). A method whose server part sends its own
+        downlink decodes it here; ``state`` is the client's memory, for a downlink that only makes
         sense against what the client kept.
         """
         if self.config.downlink_bits != 32:

@@ -16,7 +16,7 @@ the new global model, which the clients take as their next latent weights):
 
 The server evaluates the network the clients compute with: the global (averaged) weights seen
 through the clients' forward pass, alpha * sign(w) with alpha = mean |w| per binarized tensor
-(`server_rules.BinaryNetworkEvaluation`), for both variants: `bifl`'s global tensors are means of
+(`server_part.BinaryNetworkPart`), for both variants: `bifl`'s global tensors are means of
 the clients' alpha_k * sign(w_k), `bifl-full`'s means of their latent weights, and either is what
 the next round's clients binarize. The BatchNorm statistics the clients send were gathered under
 that binary forward pass too. The same global weights read as a float model are scored beside it
@@ -30,8 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import RunConfig
-from ..server_rules import BinaryNetworkEvaluation, Evaluation
+from ..server_part import BinaryNetworkPart, ServerPart
 from ..task import state_arrays
 from ..wire import ModelSpec, encode_binary_weights, is_binarized
 from .base import ClientUpdate, LocalTask, Method, register
@@ -57,9 +56,8 @@ def train_binary(task: LocalTask) -> float:
 class BinaryNetworkMethod(Method):
     """A BNN method: the server tests the global weights as the clients' binary network."""
 
-    @classmethod
-    def evaluation(cls, config: RunConfig, spec: ModelSpec) -> Evaluation:
-        return BinaryNetworkEvaluation(spec)
+    def server_part(self, spec: ModelSpec) -> ServerPart:
+        return BinaryNetworkPart(spec, self.broadcast(spec))
 
 
 @register

@@ -1,6 +1,6 @@
 """FedBiF (bits freezing): every client trains only the activated bit of each m-bit weight.
 
-Server (`FedBiFRule`): each round it quantizes the global model's conv / linear weights to m bits
+Server (`FedBiFPart`): each round it quantizes the global model's conv / linear weights to m bits
 (Eq. 5, stochastic rounding seeded by (seed, round)) and sends the packed integers with one alpha
 per tensor, ~m bits per parameter down (`wire.fedbif`). After the round, Eq. 6:
 
@@ -35,10 +35,13 @@ from collections.abc import Mapping, MutableMapping, Sequence
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 from torch import nn
 
+from ..aggregators import Aggregator, OwnAggregator
 from ..config import RunConfig
-from ..server_rules import ServerRule, expect, require_fedavg, weights_of
+from ..records import payload_to_record
+from ..server_part import ServerPart, expect, require_fedavg, weights_of
 from ..training import run_sgd
 from ..training.loop import keep_strides  # channels_last
 from ..wire import Decoded, ModelSpec, PayloadError
@@ -131,12 +134,11 @@ class FedBiF(Method):
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
+        require_fedavg(config)
         self.bits, self.count, self.selector = fedbif_options(config)
 
-    @classmethod
-    def server_rule(cls, config: RunConfig, spec: ModelSpec) -> ServerRule:
-        require_fedavg(config)
-        return FedBiFRule(spec, *fedbif_options(config), seed=config.seed)
+    def server_part(self, spec: ModelSpec) -> ServerPart:
+        return FedBiFPart(spec, self.bits, self.count, self.selector, seed=self.config.seed)
 
     def receive(
         self,
@@ -236,17 +238,24 @@ def fedbif_options(config: RunConfig) -> tuple[int, int, str]:
 # --- server -------------------------------------------------------------------------------
 
 
-class FedBiFRule(ServerRule):
+class FedBiFPart(ServerPart):
     """Quantized downlink (Eq. 5) and bit aggregation (Eq. 6); the global arrays are weights."""
 
     def __init__(self, spec: ModelSpec, bits: int, count: int, selector: str, *, seed: int) -> None:
-        self.spec = spec
+        super().__init__(spec)
         self.bits, self.count, self.selector, self.seed = bits, count, selector, seed
 
     def active(self, server_round: int) -> tuple[int, ...]:
         return active_bits(self.selector, self.bits, self.count, self.seed, server_round)
 
-    def downlink(
+    def downlink(self, global_arrays: Mapping[str, np.ndarray], server_round: int) -> ArrayRecord:
+        return payload_to_record(self.payload(global_arrays, server_round))
+
+    def aggregator(self, configured: Aggregator) -> Aggregator:
+        """Eq. 6 instead of the run's aggregator (the method requires `fedavg`)."""
+        return OwnAggregator(self.aggregate)
+
+    def payload(
         self, global_arrays: Mapping[str, np.ndarray], server_round: int
     ) -> dict[str, np.ndarray]:
         """Eq. 5 per weight tensor, with a generator seeded by (seed, round): `aggregate`
@@ -273,7 +282,7 @@ class FedBiFRule(ServerRule):
         accepted: Sequence[tuple[int, Decoded]],
         server_round: int,
     ) -> dict[str, np.ndarray]:
-        sent = validate_fedbif_model(self.downlink(global_arrays, server_round), self.spec)
+        sent = validate_fedbif_model(self.payload(global_arrays, server_round), self.spec)
         acc = {t.name: np.zeros(t.shape, np.float32) for t in self.spec}
         weights = weights_of(accepted)
         for weight, (_, decoded) in zip(weights, accepted, strict=True):

@@ -14,7 +14,7 @@ below 1 bit when the mask is sparse (`fedpm-entropy-coding = true`). Optional re
 mask, a differentiable proxy of its entropy while the density is below 1/2 -- it pushes masks
 sparse, which the range coder turns into fewer bits.
 
-Server (`FedPMRule`), Bayesian aggregation: per entry a Beta(a, b) posterior, reset to
+Server (`FedPMPart`), Bayesian aggregation: per entry a Beta(a, b) posterior, reset to
 Beta(1, 1) every `fedpm-prior-reset` rounds (default 1: every round, as the authors' code does;
 their paper resets less often under partial participation), ``a += sum_k m_k``,
 ``b += K - sum_k m_k`` and theta = the posterior *mode* (a - 1) / (a + b - 2), as FedPM's
@@ -45,10 +45,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flwr.app import ArrayRecord
 from torch import nn
 
+from ..aggregators import Aggregator, OwnAggregator
 from ..config import ConfigError, RunConfig
-from ..server_rules import ServerRule, expect, require_fedavg, weights_of
+from ..records import payload_to_record
+from ..server_part import ServerPart, expect, require_fedavg, weights_of
 from ..task import build_model_for, state_arrays
 from ..training import input_memory_format
 from ..training.loop import keep_strides  # channels_last
@@ -137,6 +140,7 @@ class FedPM(Method):
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
+        require_fedavg(config)
         finite_pos = "a finite float > 0"
         self.lr = option(config, "fedpm-lr", 0.1, lambda v: math.isfinite(v) and v > 0, finite_pos)
         self.reg = option(config, "fedpm-reg", 0.0, lambda v: math.isfinite(v) and v >= 0, ">= 0")
@@ -144,15 +148,13 @@ class FedPM(Method):
         self.reset = prior_reset(config)
         self.theta_rule = theta_rule(config)
 
-    @classmethod
-    def server_rule(cls, config: RunConfig, spec: ModelSpec) -> ServerRule:
-        require_fedavg(config)
-        return FedPMRule(
+    def server_part(self, spec: ModelSpec) -> ServerPart:
+        return FedPMPart(
             spec,
-            reference_weights(config),
-            prior_reset(config),
-            seed=config.seed,
-            theta=theta_rule(config),
+            reference_weights(self.config),
+            self.reset,
+            seed=self.config.seed,
+            theta=self.theta_rule,
         )
 
     def receive(
@@ -235,7 +237,7 @@ def posterior_theta(a: np.ndarray, b: np.ndarray, rule: str = "mode") -> np.ndar
 # --- server -------------------------------------------------------------------------------
 
 
-class FedPMRule(ServerRule):
+class FedPMPart(ServerPart):
     """Beta posteriors per masked entry; the global arrays hold theta (masked tensors: the
     posterior's mode or mean, `fedpm-theta`), the running statistics and the frozen tensors."""
 
@@ -249,8 +251,8 @@ class FedPMRule(ServerRule):
         prior: float = 1.0,
         theta: str = "mode",
     ) -> None:
+        super().__init__(spec)
         self.theta_rule = check_theta_rule(theta)
-        self.spec = spec
         self.masked, self.stats = fedpm_groups(spec)
         self.reference = reference
         self.prior_reset, self.prior = prior_reset, prior
@@ -265,9 +267,17 @@ class FedPMRule(ServerRule):
         out.update({t.name: np.full(t.shape, 0.5, np.float32) for t in self.masked})
         return out
 
-    def downlink(
+    def downlink(self, global_arrays: Mapping[str, np.ndarray], server_round: int) -> ArrayRecord:
+        return payload_to_record(self.payload(global_arrays, server_round))
+
+    def aggregator(self, configured: Aggregator) -> Aggregator:
+        """The Beta posteriors instead of the run's aggregator (the method requires `fedavg`)."""
+        return OwnAggregator(self.aggregate)
+
+    def payload(
         self, global_arrays: Mapping[str, np.ndarray], server_round: int
     ) -> dict[str, np.ndarray]:
+        """theta as float16 and the running statistics: what every client starts from."""
         theta = {t.name: global_arrays[t.name] for t in self.masked}
         stats = {t.name: global_arrays[t.name] for t in self.stats}
         return encode_fedpm_probs(self.spec, theta, stats)
@@ -291,7 +301,7 @@ class FedPMRule(ServerRule):
             self.a[t.name] += ones[t.name]
             self.b[t.name] += len(accepted) - ones[t.name]
             new[t.name] = posterior_theta(self.a[t.name], self.b[t.name], self.theta_rule)
-        sent = validate_fedpm_probs(self.downlink(global_arrays, server_round), self.spec).stats
+        sent = validate_fedpm_probs(self.payload(global_arrays, server_round), self.spec).stats
         acc = {t.name: np.zeros(t.shape, np.float32) for t in self.stats}
         for weight, (_, decoded) in zip(weights_of(accepted), accepted, strict=True):
             decoded.add_stats(acc, weight)  # type: ignore[attr-defined]
