@@ -1,6 +1,5 @@
 """Wire room: payload layouts, codecs and their validation. numpy only (no torch, no flwr)."""
 
-# Method-specific codecs (FedBiF, FedPM) register their payload kinds when imported.
 from fedbat_flwr.wire import fedbif, fedpm
 from fedbat_flwr.wire.binary import (
     BinaryWeightsPayload,

@@ -19,6 +19,10 @@ alphas   float32 (Lb,)  one alpha per binarized tensor; finite, >= 0
 dense    float32 (D,)   every other tensor flattened, spec order, concatenated; finite,
                         and > 0 for log-domain tensors (BatchNorm ``running_var``)
 ======== ======= ====== ================================================================
+
+The mixed 1-bit updates (``mixed.py``) have the same structure, signs for the binarized
+tensors and floats for the rest: both encode, validate and accumulate it with the
+``*_signs_and_floats`` functions here.
 """
 
 from __future__ import annotations
@@ -33,24 +37,20 @@ from fedbat_flwr.wire.errors import PayloadError
 from fedbat_flwr.wire.fields import (
     ANY_STEP,
     check_fields,
+    check_float_tensors,
     check_header,
-    check_length,
     check_names,
-    check_weight,
+    dense_by_accumulating,
     flat_target,
     make_header,
-    read_only_copy,
-    split_by,
 )
 from fedbat_flwr.wire.signs import (
-    SIGNS_CODEC_ID,
-    SIGNS_VERSION,
     SignsPayload,
-    accumulate_signs,
-    encode_signs,
-    validate_signs,
+    accumulate_sign_view,
+    encode_sign_part,
+    validate_sign_part,
 )
-from fedbat_flwr.wire.spec import ModelSpec, TensorSpec
+from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec, TensorSpec
 
 BINARY_CODEC_ID = 4
 BINARY_VERSION = 1
@@ -84,6 +84,37 @@ class BinaryWeightsPayload:
     dense: dict[str, np.ndarray]
 
 
+def encode_signs_and_floats(
+    spec: ModelSpec,
+    bits: Mapping[str, np.ndarray],
+    alphas: Mapping[str, float],
+    floats: Mapping[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """The ``signs`` / ``alphas`` fields of the binarized tensors and every other tensor's
+    values as flat float32 (names and sizes checked): the layout binary weights and the mixed
+    updates share, before each writes its own ``dense`` field."""
+    binarized, full = split_spec(spec)
+    sign_part = encode_sign_part(binarized, bits, alphas)
+    check_names(floats, full, "dense")
+    flat = [np.asarray(floats[t.name], dtype=np.float32).reshape(-1) for t in full]
+    for t, v in zip(full, flat, strict=True):
+        if v.size != t.size:
+            raise PayloadError(t.name, "dense", f"{v.size} values (allowed: {t.size})")
+    return sign_part, flat
+
+
+def validate_signs_and_floats(
+    payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds, *, weights: bool
+) -> tuple[SignsPayload, dict[str, np.ndarray]]:
+    """The sign part (binarized tensors, alphas within ``bounds``) and the ``dense`` floats per
+    other tensor (flat, read-only) of a payload whose fields and header the caller checked;
+    ``weights``: the floats are weights (a variance must be > 0), not updates."""
+    binarized, full = split_spec(spec)
+    signs = validate_sign_part(payload["signs"], payload["alphas"], binarized, bounds)
+    pieces = check_float_tensors(payload["dense"], full, "dense", weights=weights)
+    return signs, dict(zip(full.names, pieces, strict=True))
+
+
 def encode_binary_weights(
     spec: ModelSpec,
     bits: Mapping[str, np.ndarray],
@@ -91,17 +122,10 @@ def encode_binary_weights(
     dense: Mapping[str, np.ndarray],
 ) -> dict[str, np.ndarray]:
     """Binarized tensors as bits (True = +alpha) and alpha; all others dense float32."""
-    binarized, full = split_spec(spec)
-    signs = encode_signs(binarized, bits, alphas)
-    check_names(dense, full, "dense")
-    flat = [np.asarray(dense[t.name], dtype=np.float32).reshape(-1) for t in full]
-    for t, v in zip(full, flat, strict=True):
-        if v.size != t.size:
-            raise PayloadError(t.name, "dense", f"{v.size} values (allowed: {t.size})")
+    sign_part, flat = encode_signs_and_floats(spec, bits, alphas, dense)
     return {
         "header": make_header(BINARY_CODEC_ID, BINARY_VERSION),
-        "signs": signs["signs"],
-        "alphas": signs["alphas"],
+        **sign_part,
         "dense": np.concatenate([np.zeros(0, np.float32), *flat]),
     }
 
@@ -112,37 +136,32 @@ def validate_binary_weights(
     """Check every field of an untrusted payload against ``spec``; raise PayloadError if bad."""
     check_fields(payload, LAYOUT)
     check_header(payload["header"], BINARY_CODEC_ID, BINARY_VERSION, "binary weights")
-    binarized, full = split_spec(spec)
-    signs_header = make_header(SIGNS_CODEC_ID, SIGNS_VERSION)
-    signs = validate_signs(
-        {"header": signs_header, "signs": payload["signs"], "alphas": payload["alphas"]},
-        binarized,
-        ANY_STEP,
-    )
-    dense = payload["dense"]
-    check_length(dense, full.num_params, "dense", "the full-precision tensors' sizes")
-    pieces = split_by(read_only_copy(dense), [t.size for t in full])
-    for t, v in zip(full, pieces, strict=True):
-        if not np.isfinite(v).all():
-            raise PayloadError(t.name, "dense", "non-finite values (allowed: finite float32)")
-        if t.domain == "log" and v.size and v.min() <= 0:
-            reason = f"value={float(v.min())!r} (allowed: > 0 for a variance)"
-            raise PayloadError(t.name, "dense", reason)
-    return BinaryWeightsPayload(
-        spec, signs, {t.name: v.reshape(t.shape) for t, v in zip(full, pieces, strict=True)}
-    )
+    signs, dense = validate_signs_and_floats(payload, spec, ANY_STEP, weights=True)
+    shaped = {t.name: dense[t.name].reshape(t.shape) for t in spec if t.name in dense}
+    return BinaryWeightsPayload(spec, signs, shaped)
 
 
 def accumulate_binary_weights(
     acc: MutableMapping[str, np.ndarray], view: BinaryWeightsPayload, weight: float
 ) -> None:
     """In place ``acc[name] += weight * w_name`` for every tensor (weights, not updates)."""
-    check_weight(weight)
-    accumulate_signs(acc, view.signs, view.signs.spec, ANY_STEP, weight)
+    accumulate_signs_and_floats(acc, view.spec, view.signs, view.dense, weight)
+
+
+def accumulate_signs_and_floats(
+    acc: MutableMapping[str, np.ndarray],
+    spec: ModelSpec,
+    signs: SignsPayload,
+    floats: Mapping[str, np.ndarray],
+    weight: float,
+) -> None:
+    """In place ``acc[name] += weight * value`` of a validated sign part (alpha * (±1)) and of
+    the float tensors (``validate_signs_and_floats``), for binary weights and mixed updates."""
+    accumulate_sign_view(acc, signs, weight)
     w = np.float32(weight)
-    for t in view.spec:
-        if t.name in view.dense:
-            flat_target(acc, t)[:] += w * view.dense[t.name].reshape(-1)
+    for t in spec:
+        if t.name in floats:
+            flat_target(acc, t)[:] += w * floats[t.name].reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -157,6 +176,11 @@ class BinaryWeightsDecoded:
 
     def delta(self) -> dict[str, np.ndarray]:
         """The client's weights (absolute payload: not an update)."""
-        out = {t.name: np.zeros(t.shape, np.float32) for t in self.view.spec}
-        accumulate_binary_weights(out, self.view, 1.0)
-        return out
+        return dense_by_accumulating(self.view.spec, self.accumulate)
+
+
+def decode_binary_weights(
+    payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
+) -> BinaryWeightsDecoded:
+    """The ``binary-weights`` kind: weights, not steps, so the run's step bounds do not apply."""
+    return BinaryWeightsDecoded(validate_binary_weights(payload, spec))

@@ -2,7 +2,9 @@
 
 Each kind validates a payload against the server's `ModelSpec` and returns a `Decoded`, which
 the strategy either streams into a shared accumulator (`accumulate`) or expands into a dense
-update (`delta`). A new codec registers here with `register_codec`; the strategy never changes.
+update (`delta`). Every kind is registered with `register_codec(kind, decoder)`: the wire room's
+own kinds in the table at the end of this file, a method's kind defined elsewhere by its own
+module at import. The strategy never changes.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-from fedbat_flwr.wire.binary import BinaryWeightsDecoded, validate_binary_weights
+from fedbat_flwr.wire.binary import decode_binary_weights
 from fedbat_flwr.wire.errors import PayloadError
+from fedbat_flwr.wire.fedbif import decode_fedbif_bits
+from fedbat_flwr.wire.fedpm import decode_fedpm
 from fedbat_flwr.wire.fields import check_stat_steps, dense_by_accumulating
 from fedbat_flwr.wire.kbit import accumulate_kbit, validate_kbit
 from fedbat_flwr.wire.mixed import MixedPayload, accumulate_mixed, is_mixed, validate_mixed
-from fedbat_flwr.wire.signs import SignsPayload, accumulate_signs, decode_signs, validate_signs
+from fedbat_flwr.wire.signs import SignsPayload, accumulate_sign_view, validate_signs
 from fedbat_flwr.wire.sparse import accumulate_sparse, validate_sparse
 from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec
 
@@ -68,17 +72,16 @@ def decode_payload(
 
 @dataclass(frozen=True)
 class SignsDecoded:
-    """1-bit payload: alpha * (±1) per tensor."""
+    """1-bit payload: alpha * (±1) per tensor (alphas checked against the kind's bounds)."""
 
     view: SignsPayload
-    bounds: AlphaBounds
     absolute: ClassVar[bool] = False
 
     def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
-        accumulate_signs(acc, self.view, self.view.spec, self.bounds, weight)
+        accumulate_sign_view(acc, self.view, weight)
 
     def delta(self) -> dict[str, np.ndarray]:
-        return decode_signs(self.view, self.view.spec, self.bounds)
+        return dense_by_accumulating(self.view.spec, self.accumulate)
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ def _decode_signs(
     """All tensors 1-bit, or (``bn-payload`` float16 / float32) BatchNorm as floats."""
     if is_mixed(payload):
         return MixedDecoded(validate_mixed(payload, spec, bounds))
-    return SignsDecoded(validate_signs(payload, spec, bounds), bounds)
+    return SignsDecoded(validate_signs(payload, spec, bounds))
 
 
 @dataclass(frozen=True)
@@ -199,13 +202,14 @@ def _decode_signs_unbounded(
 # is float): what sign votes need.
 SIGN_KINDS = ("signs", "signs-unbounded")
 
+# Every kind the wire room defines, in one place. Each validates every field itself; the run's
+# bounds (stat bound, max-update-entry) apply where a kind's steps come from the client's data.
+# A method defined outside the wire room registers its own kind the same way, at import.
 register_codec("signs", _decode_signs)
 register_codec("signs-unbounded", _decode_signs_unbounded)
 register_codec("dense", validate_dense)
-# Their own validation covers every field; the run's stat bound and max-update-entry apply.
 register_codec("kbit", _decode_kbit)
 register_codec("sparse", _decode_sparse)
-register_codec(
-    "binary-weights",
-    lambda payload, spec, _: BinaryWeightsDecoded(validate_binary_weights(payload, spec)),
-)
+register_codec("binary-weights", decode_binary_weights)
+register_codec("fedbif-bits", decode_fedbif_bits)
+register_codec("fedpm-mask", decode_fedpm)

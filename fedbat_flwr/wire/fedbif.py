@@ -48,14 +48,13 @@ from typing import ClassVar
 import numpy as np
 
 from fedbat_flwr.wire.binary import split_spec
-from fedbat_flwr.wire.codecs import register_codec
 from fedbat_flwr.wire.errors import PayloadError
 from fedbat_flwr.wire.fields import (
-    ANY_STEP,
     check_fields,
     check_header,
     check_length,
     check_names,
+    check_nonnegative,
     check_pad_bits,
     check_weight,
     dense_by_accumulating,
@@ -65,14 +64,12 @@ from fedbat_flwr.wire.fields import (
     split_by,
 )
 from fedbat_flwr.wire.half import encode_half, validate_half
-from fedbat_flwr.wire.kbit import MAX_BITS, pack_uint, packed_nbytes, unpack_uint
+from fedbat_flwr.wire.kbit import check_bits, check_packed, header_bits, pack_uint, unpack_uint
 from fedbat_flwr.wire.signs import (
-    SIGNS_CODEC_ID,
-    SIGNS_VERSION,
     SignsPayload,
-    accumulate_signs,
-    encode_signs,
-    validate_signs,
+    accumulate_sign_view,
+    encode_sign_part,
+    validate_sign_part,
 )
 from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec
 
@@ -100,7 +97,7 @@ def quantize_eq5(
     theta: np.ndarray, bits: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, float]:
     """Codes ``q + 2^(m-1)`` (uint8, theta's shape) and the float32 step alpha of Eq. 5."""
-    _check_bits(bits)
+    check_bits(bits)
     half = 1 << (bits - 1)
     flat = np.asarray(theta, dtype=np.float64)
     if not np.isfinite(flat).all():
@@ -131,11 +128,6 @@ def dequantize(codes: np.ndarray, alpha: float, bits: int) -> np.ndarray:
     """Eq. 3: ``alpha * q`` as float32."""
     q = np.asarray(codes, np.float32) - np.float32(1 << (bits - 1))
     return np.float32(alpha) * q
-
-
-def _check_bits(bits: int) -> None:
-    if not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"bits={bits!r} (allowed: an integer in [1, {MAX_BITS}])")
 
 
 # --- downlink: the m-bit global model -----------------------------------------------------
@@ -169,7 +161,7 @@ def encode_fedbif_model(
     bits: int,
 ) -> dict[str, np.ndarray]:
     """Pack codes (``quantize_eq5``) + alphas of bit-trained tensors and the others as float16."""
-    _check_bits(bits)
+    check_bits(bits)
     quantized, others = split_spec(spec)
     check_names(codes, quantized, "codes")
     check_names(alphas, quantized, "alphas")
@@ -195,23 +187,10 @@ def validate_fedbif_model(payload: Mapping[str, np.ndarray], spec: ModelSpec) ->
     check_fields(payload, MODEL_LAYOUT)
     header = payload["header"]
     check_header(header, FEDBIF_MODEL_ID, FEDBIF_VERSION, "fedbif model", length=5)
-    bits = int(header[4])
-    if not 1 <= bits <= MAX_BITS:
-        raise PayloadError(None, "header", f"bits={bits} (allowed: 1..{MAX_BITS})")
+    bits = header_bits(header)
     quantized, others = split_spec(spec)
-    nbytes = [packed_nbytes(t.size, bits) for t in quantized]
-    codes = payload["codes"]
-    check_length(codes, sum(nbytes), "codes", f"sum(ceil(d * {bits} / 8)) over weight tensors")
-    check_pad_bits(codes, [t.size * bits for t in quantized], quantized.names, "codes")
-    alphas = payload["alphas"]
-    check_length(alphas, len(quantized), "alphas", "one per weight tensor")
-    with np.errstate(invalid="ignore"):
-        bad = np.flatnonzero(~(np.isfinite(alphas) & (alphas >= 0)))
-    if bad.size:
-        i = int(bad[0])
-        reason = f"alpha={float(alphas[i])!r} (allowed: finite, >= 0)"
-        raise PayloadError(quantized.tensors[i].name, "alphas", reason)
-    pieces = split_by(codes, nbytes)
+    pieces = check_packed(payload["codes"], quantized, bits, "codes")
+    alphas = check_nonnegative(payload["alphas"], quantized, "alphas", "alpha")
     unpacked = {
         t.name: unpack_uint(p, bits, t.size).reshape(t.shape)
         for t, p in zip(quantized, pieces, strict=True)
@@ -272,7 +251,7 @@ def encode_fedbif_bits(
 ) -> dict[str, np.ndarray]:
     """``planes[name]``: the new active bits of a weight tensor, ``(len(active), *shape)``, in
     ascending bit order; ``signs`` / ``alphas``: the other tensors' 1-bit updates."""
-    _check_bits(bits)
+    check_bits(bits)
     active = sorted(set(active))
     if not active or active[-1] >= bits:
         raise ValueError(f"active bits {active} (allowed: a non-empty subset of 0..{bits - 1})")
@@ -285,12 +264,10 @@ def encode_fedbif_bits(
             reason = f"shape={p.shape}, dtype={p.dtype} (allowed: bool {(len(active), *t.shape)})"
             raise PayloadError(t.name, "bits", reason)
         packed += [np.packbits(plane.reshape(-1), bitorder="little") for plane in p]
-    rest = encode_signs(others, signs, alphas)
     return {
         "header": make_header(FEDBIF_BITS_ID, FEDBIF_VERSION, bits, active_mask(active)),
         "bits": np.concatenate([np.zeros(0, np.uint8), *packed]),
-        "signs": rest["signs"],
-        "alphas": rest["alphas"],
+        **encode_sign_part(others, signs, alphas),
     }
 
 
@@ -307,9 +284,7 @@ def validate_fedbif_bits(
     check_fields(payload, BITS_LAYOUT)
     header = payload["header"]
     check_header(header, FEDBIF_BITS_ID, FEDBIF_VERSION, "fedbif bits", length=6)
-    bits, mask = int(header[4]), int(header[5])
-    if not 1 <= bits <= MAX_BITS:
-        raise PayloadError(None, "header", f"bits={bits} (allowed: 1..{MAX_BITS})")
+    bits, mask = header_bits(header), int(header[5])
     if mask == 0 or mask >> bits:
         raise PayloadError(None, "header", f"active mask=0b{mask:b} (allowed: 1..{2**bits - 1})")
     active = tuple(i for i in range(bits) if mask >> i & 1)
@@ -323,15 +298,8 @@ def validate_fedbif_bits(
     pieces = split_by(read_only_copy(stream), nbytes)
     k = len(active)
     planes = {t.name: tuple(pieces[j * k : (j + 1) * k]) for j, t in enumerate(quantized)}
-    signs = validate_signs(
-        {
-            "header": make_header(SIGNS_CODEC_ID, SIGNS_VERSION),
-            "signs": payload["signs"],
-            "alphas": payload["alphas"],
-        },
-        others,
-        replace(bounds, param=(0.0, bounds.update)),
-    )
+    step_bounds = replace(bounds, param=(0.0, bounds.update))
+    signs = validate_sign_part(payload["signs"], payload["alphas"], others, step_bounds)
     return FedBiFBits(spec, bits, active, planes, signs)
 
 
@@ -347,14 +315,14 @@ class FedBiFBitsDecoded:
         w = np.float32(weight)
         for name in self.view.planes:
             flat_target(acc, self.view.spec[name])[:] += w * self.view.active_value(name)
-        signs = self.view.signs
-        accumulate_signs(acc, signs, signs.spec, ANY_STEP, weight)
+        accumulate_sign_view(acc, self.view.signs, weight)
 
     def delta(self) -> dict[str, np.ndarray]:
         return dense_by_accumulating(self.view.spec, self.accumulate)
 
 
-register_codec(
-    "fedbif-bits",
-    lambda payload, spec, bounds: FedBiFBitsDecoded(validate_fedbif_bits(payload, spec, bounds)),
-)
+def decode_fedbif_bits(
+    payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
+) -> FedBiFBitsDecoded:
+    """The ``fedbif-bits`` kind (registered in ``codecs.py``)."""
+    return FedBiFBitsDecoded(validate_fedbif_bits(payload, spec, bounds))

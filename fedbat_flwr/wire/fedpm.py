@@ -57,16 +57,14 @@ from typing import ClassVar
 import numpy as np
 
 from fedbat_flwr.wire.binary import is_binarized
-from fedbat_flwr.wire.codecs import register_codec
 from fedbat_flwr.wire.errors import PayloadError
 from fedbat_flwr.wire.fields import (
-    ANY_STEP,
     check_fields,
     check_header,
     check_length,
     check_names,
-    check_pad_bits,
     check_weight,
+    declared_codec,
     dense_by_accumulating,
     flat_target,
     make_header,
@@ -74,13 +72,12 @@ from fedbat_flwr.wire.fields import (
     split_by,
 )
 from fedbat_flwr.wire.half import encode_half, validate_half
+from fedbat_flwr.wire.kbit import check_packed
 from fedbat_flwr.wire.signs import (
-    SIGNS_CODEC_ID,
-    SIGNS_VERSION,
     SignsPayload,
-    accumulate_signs,
-    encode_signs,
-    validate_signs,
+    accumulate_sign_view,
+    encode_sign_part,
+    validate_sign_part,
 )
 from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec
 
@@ -196,8 +193,7 @@ def encode_fedpm_mask(
                 t.name, "masks", f"shape={m.shape}, dtype={m.dtype} (allowed: bool {t.shape})"
             )
         flat.append(m.reshape(-1))
-    rest = encode_signs(stat_spec, signs, alphas)
-    tail = {"signs": rest["signs"], "alphas": rest["alphas"]}
+    tail = encode_sign_part(stat_spec, signs, alphas)
     if not coded:
         packed = [np.packbits(m, bitorder="little") for m in flat]
         masks_bytes = np.concatenate([np.zeros(0, np.uint8), *packed])
@@ -219,11 +215,7 @@ def validate_fedpm_mask(
     check_fields(payload, MASK_LAYOUT)
     check_header(payload["header"], FEDPM_MASK_ID, FEDPM_VERSION, "fedpm mask")
     masked, _ = fedpm_groups(spec)
-    nbytes = [(t.size + 7) // 8 for t in masked]
-    stream = payload["masks"]
-    check_length(stream, sum(nbytes), "masks", "sum(ceil(d/8)) over the masked tensors")
-    check_pad_bits(stream, [t.size for t in masked], masked.names, "masks")
-    pieces = split_by(read_only_copy(stream), nbytes)
+    pieces = check_packed(payload["masks"], masked, 1, "masks")
     masks = {t.name: p for t, p in zip(masked, pieces, strict=True)}
     return FedPMMask(spec, masks, _validate_stats(payload, spec, bounds))
 
@@ -265,15 +257,7 @@ def _validate_stats(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
 ) -> SignsPayload:
     _, stat_spec = fedpm_groups(spec)
-    return validate_signs(
-        {
-            "header": make_header(SIGNS_CODEC_ID, SIGNS_VERSION),
-            "signs": payload["signs"],
-            "alphas": payload["alphas"],
-        },
-        stat_spec,
-        bounds,
-    )
+    return validate_sign_part(payload["signs"], payload["alphas"], stat_spec, bounds)
 
 
 # --- the range coder ----------------------------------------------------------------------
@@ -332,8 +316,7 @@ class FedPMDecoded:
 
     def add_stats(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
         """In place ``acc[name] += weight * alpha * (±1)`` for every statistic."""
-        signs = self.view.signs
-        accumulate_signs(acc, signs, signs.spec, ANY_STEP, weight)
+        accumulate_sign_view(acc, self.view.signs, weight)
 
     def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
         self.add_masks(acc, weight)
@@ -346,24 +329,12 @@ class FedPMDecoded:
 def decode_fedpm(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
 ) -> FedPMDecoded:
-    """Either uplink layout, told apart by the header's codec id (`fedpm-entropy-coding` is a
-    client-side choice; the server reads both)."""
-    header = payload.get("header") if isinstance(payload, Mapping) else None
-    # Only a header that is what the layouts say (uint8, 1-D) is read here; anything else is
-    # left to `check_fields`, which names it (a float NaN or a 2-D header used to raise here).
-    coded = (
-        isinstance(header, np.ndarray)
-        and header.dtype == _U8
-        and header.ndim == 1
-        and header.size > 2
-        and int(header[2]) == FEDPM_CODED_ID
-    )
+    """The ``fedpm-mask`` kind (registered in ``codecs.py``): either uplink layout, told apart
+    by the header's codec id (`fedpm-entropy-coding` is a client-side choice; the server reads
+    both)."""
     view = (
         validate_fedpm_coded(payload, spec, bounds)
-        if coded
+        if declared_codec(payload) == FEDPM_CODED_ID
         else validate_fedpm_mask(payload, spec, bounds)
     )
     return FedPMDecoded(view)
-
-
-register_codec("fedpm-mask", decode_fedpm)

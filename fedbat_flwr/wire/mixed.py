@@ -29,34 +29,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedbat_flwr.wire.binary import split_spec
+from fedbat_flwr.wire.binary import (
+    accumulate_signs_and_floats,
+    encode_signs_and_floats,
+    split_spec,
+    validate_signs_and_floats,
+)
 from fedbat_flwr.wire.errors import PayloadError
 from fedbat_flwr.wire.fields import (
-    ANY_STEP,
+    check_fields,
     check_header,
-    check_length,
-    check_names,
     check_stat_steps,
-    check_weight,
-    flat_target,
+    declared_codec,
     make_header,
-    read_only_copy,
-    split_by,
 )
-from fedbat_flwr.wire.signs import (
-    SIGNS_CODEC_ID,
-    SIGNS_VERSION,
-    SignsPayload,
-    accumulate_signs,
-    encode_signs,
-    validate_signs,
-)
+from fedbat_flwr.wire.signs import SignsPayload
 from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec
 
 MIXED_CODEC_ID = 5
 MIXED_VERSION = 1
 FLOAT_WIDTHS = {16: np.dtype(np.float16), 32: np.dtype(np.float32)}
-_KEYS = ("header", "signs", "alphas", "dense")
+LAYOUT = {
+    "header": (np.dtype(np.uint8), 1),
+    "signs": (np.dtype(np.uint8), 1),
+    "alphas": (np.dtype(np.float32), 1),
+    "dense": (tuple(FLOAT_WIDTHS.values()), 1),  # the header's float width says which
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,98 +77,54 @@ def encode_mixed(
     floats."""
     if width not in FLOAT_WIDTHS:
         raise ValueError(f"float width={width!r} (allowed: {sorted(FLOAT_WIDTHS)})")
-    binarized, full = split_spec(spec)
-    signs = encode_signs(binarized, bits, alphas)
-    check_names(dense, full, "dense")
-    flat = []
-    for t in full:
-        v = np.asarray(dense[t.name], dtype=np.float32).reshape(-1)
-        if v.size != t.size:
-            raise PayloadError(t.name, "dense", f"{v.size} values (allowed: {t.size})")
+    sign_part, flat = encode_signs_and_floats(spec, bits, alphas, dense)
+    narrow = []
+    for t, v in zip(split_spec(spec)[1], flat, strict=True):
         with np.errstate(over="ignore"):
-            flat.append(v.astype(FLOAT_WIDTHS[width]))
-        if not np.isfinite(flat[-1]).all():
+            narrow.append(v.astype(FLOAT_WIDTHS[width]))
+        if not np.isfinite(narrow[-1]).all():
             raise PayloadError(t.name, "dense", f"values not finite in float{width}")
     return {
         "header": make_header(MIXED_CODEC_ID, MIXED_VERSION, width),
-        "signs": signs["signs"],
-        "alphas": signs["alphas"],
-        "dense": np.concatenate([np.zeros(0, FLOAT_WIDTHS[width]), *flat]),
+        **sign_part,
+        "dense": np.concatenate([np.zeros(0, FLOAT_WIDTHS[width]), *narrow]),
     }
 
 
 def is_mixed(payload: Mapping[str, np.ndarray]) -> bool:
     """True if ``payload`` declares this codec (its header's codec id); nothing else checked."""
-    header = payload.get("header") if isinstance(payload, Mapping) else None
-    return (
-        isinstance(header, np.ndarray)
-        and header.dtype == np.uint8
-        and header.ndim == 1
-        and header.size >= 3
-        and int(header[2]) == MIXED_CODEC_ID
-    )
+    return declared_codec(payload) == MIXED_CODEC_ID
 
 
 def validate_mixed(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
 ) -> MixedPayload:
     """Check every field of an untrusted payload against ``spec``; raise PayloadError if bad."""
-    width = _check_layout(payload)
-    binarized, full = split_spec(spec)
-    signs_header = make_header(SIGNS_CODEC_ID, SIGNS_VERSION)
-    signs = validate_signs(
-        {"header": signs_header, "signs": payload["signs"], "alphas": payload["alphas"]},
-        binarized,
-        bounds,
-    )
-    dense = payload["dense"]
-    check_length(dense, full.num_params, "dense", "the float tensors' sizes")
-    values = read_only_copy(dense.astype(np.float32))
-    pieces = split_by(values, [t.size for t in full])
-    for t, v in zip(full, pieces, strict=True):
-        if not np.isfinite(v).all():
-            raise PayloadError(t.name, "dense", f"non-finite values (allowed: finite float{width})")
-    check_stat_steps(full, pieces, bounds, "dense")
-    return MixedPayload(spec, signs, dict(zip(full.names, pieces, strict=True)))
+    check_fields(payload, LAYOUT)
+    header = payload["header"]
+    check_header(header, MIXED_CODEC_ID, MIXED_VERSION, "mixed", length=5)
+    width = int(header[4])
+    if width not in FLOAT_WIDTHS:
+        raise PayloadError(None, "header", f"float width={width} (allowed: 16 or 32)")
+    found, declared = payload["dense"].dtype, FLOAT_WIDTHS[width]
+    if found != declared:
+        reason = f"dtype={found} (allowed: {declared}, as the header declares)"
+        raise PayloadError(None, "dense", reason)
+    signs, floats = validate_signs_and_floats(payload, spec, bounds, weights=False)
+    check_stat_steps(split_spec(spec)[1], list(floats.values()), bounds, "dense")
+    return MixedPayload(spec, signs, {name: _float32(v) for name, v in floats.items()})
 
 
 def accumulate_mixed(
     acc: MutableMapping[str, np.ndarray], view: MixedPayload, weight: float
 ) -> None:
-    """In place ``acc[name] += weight * update[name]`` for every tensor."""
-    check_weight(weight)
-    # The signs view was checked against the run's bounds on validation: no second check.
-    accumulate_signs(acc, view.signs, view.signs.spec, ANY_STEP, weight)
-    w = np.float32(weight)
-    for t in view.spec:
-        if t.name in view.dense:
-            flat_target(acc, t)[:] += w * view.dense[t.name]
+    """In place ``acc[name] += weight * update[name]`` for every tensor (the sign part's alphas
+    met the run's bounds on validation: no second check)."""
+    accumulate_signs_and_floats(acc, view.spec, view.signs, view.dense, weight)
 
 
-def _check_layout(payload: Mapping[str, np.ndarray]) -> int:
-    """Keys, dtypes and header; returns the float width the header declares."""
-    if not isinstance(payload, Mapping):
-        raise PayloadError(None, "payload", f"type={type(payload).__name__} (allowed: mapping)")
-    allowed = ", ".join(_KEYS)
-    for key in _KEYS:
-        if key not in payload:
-            raise PayloadError(None, key, f"missing (required keys: {allowed})")
-        if not isinstance(payload[key], np.ndarray) or payload[key].ndim != 1:
-            raise PayloadError(None, key, "not a 1-D numpy array (allowed: 1-D numpy.ndarray)")
-    for key in payload:
-        if key not in _KEYS:
-            raise PayloadError(None, str(key), f"unexpected key (allowed keys: {allowed})")
-    header = payload["header"]
-    if header.dtype != np.uint8:
-        raise PayloadError(None, "header", f"dtype={header.dtype} (allowed: uint8)")
-    check_header(header, MIXED_CODEC_ID, MIXED_VERSION, "mixed", length=5)
-    width = int(header[4])
-    if width not in FLOAT_WIDTHS:
-        raise PayloadError(None, "header", f"float width={width} (allowed: 16 or 32)")
-    expected = {"signs": np.dtype(np.uint8), "alphas": np.dtype(np.float32)}
-    expected["dense"] = FLOAT_WIDTHS[width]
-    for key, dtype in expected.items():
-        if payload[key].dtype != dtype:
-            reason = f"dtype={payload[key].dtype} (allowed: {dtype}, as the header declares)"
-            raise PayloadError(None, key, reason)
-    return width
+def _float32(values: np.ndarray) -> np.ndarray:
+    """Read-only float32 values of a validated float16 or float32 piece."""
+    out = values.astype(np.float32, copy=False)
+    out.flags.writeable = False
+    return out
