@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from ..config import ConfigError, RunConfig
 from ..task import state_arrays
 from ..training import recompute_batchnorm_statistics, run_sgd
-from ..wire import TensorSpec, encode_signs, encode_sparse, is_binarized
+from ..wire import ModelSpec, TensorSpec, encode_signs, encode_sparse, is_binarized
 from ..wire.mixed import encode_mixed
 from .base import LocalTask
 
@@ -27,23 +27,31 @@ def local_delta(task: LocalTask) -> dict[str, np.ndarray]:
     return task.spec.delta(state_arrays(task.model), task.global_state)
 
 
-def stat_signs(task: LocalTask) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def stat_signs(
+    spec: ModelSpec, delta: Mapping[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """BatchNorm running statistics as sign bits with alpha = mean |delta| (docs/ARCHITECTURE.md).
 
     Statistics are not trained by gradients, so no method learns their binarization; every 1-bit
     method sends them the way EF-SignSGD sends its update.
     """
-    return update_signs(task, [t for t in task.spec if t.kind == "stat"])
+    return signs_with_mean_step(delta, [t for t in spec if t.kind == "stat"])
 
 
 def update_signs(
     task: LocalTask, tensors: Iterable[TensorSpec]
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """The client's update of each of ``tensors`` as sign bits (True = +alpha) with
-    alpha = mean |update| (0 for an empty tensor): how 1-bit methods send what they do not
-    binarize themselves."""
+    """The client's update of each of ``tensors`` as sign bits with alpha = mean |update|: how
+    1-bit methods send what they do not binarize themselves."""
+    return signs_with_mean_step(local_delta(task), tensors)
+
+
+def signs_with_mean_step(
+    delta: Mapping[str, np.ndarray], tensors: Iterable[TensorSpec]
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Sign bits (True = +alpha) of ``delta`` per tensor, alpha = mean |delta| (0 for an empty
+    tensor)."""
     tensors = list(tensors)
-    delta = local_delta(task)
     bits = {t.name: delta[t.name] >= 0 for t in tensors}
     alphas = {t.name: float(np.abs(delta[t.name]).mean()) if t.size else 0.0 for t in tensors}
     return bits, alphas
@@ -64,15 +72,18 @@ def train_plain(task: LocalTask) -> float:
 
 
 def encode_param_signs(
-    task: LocalTask, bits: dict[str, np.ndarray], alphas: dict[str, float]
+    task: LocalTask,
+    trained: Mapping[str, np.ndarray],
+    bits: dict[str, np.ndarray],
+    alphas: dict[str, float],
 ) -> dict[str, np.ndarray]:
     """A post-training 1-bit payload: the method's bits + alphas for parameters, BatchNorm as
     the run's `bn-payload` says (`stat_signs`, or float updates of affine and statistics).
 
-    The statistics are those of the model the payload describes (`statistics_for_sent_update`),
-    not of the locally trained one.
+    ``trained`` is the trained model's update (`local_delta`) the caller drew its bits from; a
+    parameter without bits is sent as that. The statistics are those of the model the payload
+    describes (`statistics_for_sent_update`), not of the locally trained one.
     """
-    trained = local_delta(task)
     sent = {
         t.name: np.where(bits[t.name], np.float32(alphas[t.name]), np.float32(-alphas[t.name]))
         if t.name in bits
@@ -93,11 +104,11 @@ def encode_one_bit(
     """A 1-bit payload: ``bits`` / ``alphas`` for what was binarized, BatchNorm as the run's
     `bn-payload` says, statistics from the model as it is now. A float `bn-payload` sends the
     other parameters' updates from ``params`` (default: the model's own update)."""
+    now = local_delta(task)  # after `statistics_for_sent_update`: the statistics to send
     width = bn_float_width(task.config)
     if width is None:
-        stat_bits, stat_alphas = stat_signs(task)
+        stat_bits, stat_alphas = stat_signs(task.spec, now)
         return encode_signs(task.spec, {**bits, **stat_bits}, {**alphas, **stat_alphas})
-    now = local_delta(task)
     params = now if params is None else params
     dense = {
         t.name: params[t.name] if t.kind == "param" else now[t.name]

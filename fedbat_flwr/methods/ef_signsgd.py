@@ -32,7 +32,7 @@ class EFSignSGD(Method):
         alphas: dict[str, float] = {}
         for t in signed_params(task):
             bits[t.name], alphas[t.name] = error_feedback_step(task.state, t.name, delta[t.name])
-        payload = encode_param_signs(task, bits, alphas)
+        payload = encode_param_signs(task, delta, bits, alphas)
         return ClientUpdate(payload, task.batches.num_examples, {"train-loss": loss})
 
 

@@ -47,7 +47,7 @@ class NoisySignSGD(Method):
         params = signed_params(task)
         bits = {t.name: noisy_sign_bits(delta[t.name], self.sigma, rng) for t in params}
         alphas = {t.name: self.alpha for t in params}
-        payload = encode_param_signs(task, bits, alphas)
+        payload = encode_param_signs(task, delta, bits, alphas)
         return ClientUpdate(payload, task.batches.num_examples, {"train-loss": loss})
 
 

@@ -62,7 +62,7 @@ class SignSGD(Method):
         params = signed_params(task)
         bits = {t.name: delta[t.name] >= 0 for t in params}
         alphas = {t.name: self.alpha for t in params}
-        payload = encode_param_signs(task, bits, alphas)
+        payload = encode_param_signs(task, delta, bits, alphas)
         return ClientUpdate(payload, task.batches.num_examples, {"train-loss": loss})
 
 

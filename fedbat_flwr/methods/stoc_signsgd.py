@@ -45,7 +45,7 @@ class StocSignSGD(Method):
         params = signed_params(task)
         bits = {t.name: stochastic_sign_bits(delta[t.name], rng) for t in params}
         alphas = {t.name: self.alpha for t in params}
-        payload = encode_param_signs(task, bits, alphas)
+        payload = encode_param_signs(task, delta, bits, alphas)
         return ClientUpdate(payload, task.batches.num_examples, {"train-loss": loss})
 
 
