@@ -16,7 +16,6 @@ from pathlib import Path
 
 from fedbat_flwr.config import RunConfig
 from fedbat_flwr.data import load_partition, load_test_set
-from fedbat_flwr.localrun import LocalSuperLink
 from fedbat_flwr.methods import client_task, get_method
 from fedbat_flwr.records import payload_to_record
 from fedbat_flwr.results import read_metrics
@@ -26,6 +25,7 @@ from fedbat_flwr.task import (
     state_arrays,
 )
 from fedbat_flwr.training import default_device, evaluate, keep_freed_memory, prepare_model
+from fedbat_tools.localrun import LocalSuperLink
 
 CLIENTS = 10
 ROUNDS = 3

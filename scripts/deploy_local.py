@@ -22,8 +22,9 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from fedbat_flwr.config import ConfigError
-from fedbat_flwr.deploy import LocalDeployment, deploy_and_run
-from fedbat_flwr.localrun import (
+from fedbat_flwr.preflight import preflight
+from fedbat_tools.deploy import LocalDeployment, deploy_and_run
+from fedbat_tools.localrun import (
     APP_DIR,
     Interrupted,
     app_config_defaults,
@@ -31,7 +32,6 @@ from fedbat_flwr.localrun import (
     mark_failed,
     plan_run,
 )
-from fedbat_flwr.preflight import preflight
 
 # A short run: a few hundred examples a client, so that it finishes in minutes on 2 CPU cores.
 SHORT_RUN = {

@@ -14,4 +14,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-exec .venv/bin/python -m fedbat_flwr.localrun --num-supernodes "${NUM_SUPERNODES:-10}" "$@"
+exec .venv/bin/python -m fedbat_tools.localrun --num-supernodes "${NUM_SUPERNODES:-10}" "$@"

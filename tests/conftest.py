@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fedbat_flwr.localrun import LocalSuperLink, _alive, descendants
+from fedbat_tools.localrun import LocalSuperLink, descendants, is_alive
 
 
 @pytest.fixture(scope="session")
@@ -26,4 +26,4 @@ def superlink() -> Iterator[LocalSuperLink]:
     finally:
         tree = [link.process.pid, *descendants(link.process.pid)]
         link.stop()
-    assert not [pid for pid in tree if _alive(pid)], "the SuperLink left processes behind"
+    assert not [pid for pid in tree if is_alive(pid)], "the SuperLink left processes behind"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedbat_flwr.localrun import LocalSuperLink
 from fedbat_flwr.results import METRIC_KEYS, SUMMARY_KEYS
+from fedbat_tools.localrun import LocalSuperLink
 
 pytestmark = pytest.mark.e2e
 

@@ -30,9 +30,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from fedbat_flwr.deploy import LocalDeployment, all_gone, make_node_keys
-from fedbat_flwr.localrun import APP_DIR, _bin
 from fedbat_flwr.results import METRIC_KEYS, SUMMARY_KEYS
+from fedbat_tools.deploy import LocalDeployment, all_gone, make_node_keys
+from fedbat_tools.localrun import APP_DIR, env_script
 
 NUM_NODES = 3
 SHORT_RUN = {
@@ -152,7 +152,7 @@ FLAG = r"(?<![\w-])--[a-z][a-z0-9-]*"
 def cli(binary: str) -> tuple[frozenset[str], dict[str, set[str]], frozenset[str]]:
     """A Flower binary's flags, choices per flag and deprecated flags, from its `--help`."""
     out = subprocess.run(
-        [_bin(binary), "--help"], capture_output=True, text=True, timeout=120, check=True
+        [env_script(binary), "--help"], capture_output=True, text=True, timeout=120, check=True
     ).stdout
     usage, _, options = out.partition("\n\n")  # usage lists every flag argparse shows
     flags = frozenset(re.findall(FLAG, usage))

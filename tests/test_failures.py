@@ -21,21 +21,21 @@ from pathlib import Path
 
 import pytest
 
-from fedbat_flwr import localrun, sweep
 from fedbat_flwr.config import ConfigError, RunConfig, check_keys
-from fedbat_flwr.localrun import (
+from fedbat_flwr.preflight import check_startup, wait_for_nodes
+from fedbat_flwr.results import FAILED_FILE, RunRecorder, default_run_name, holds_results
+from fedbat_tools import localrun, sweep
+from fedbat_tools.localrun import (
     APP_DIR,
     LocalSuperLink,
     RunStatus,
-    _alive,
     app_config_defaults,
     descendants,
     failure_reason,
+    is_alive,
     latest_run_status,
 )
-from fedbat_flwr.preflight import check_startup, wait_for_nodes
-from fedbat_flwr.results import FAILED_FILE, RunRecorder, default_run_name, holds_results
-from fedbat_flwr.sweep import SuiteError, expand, load_suite
+from fedbat_tools.sweep import SuiteError, expand, load_suite
 
 
 def child_pids() -> set[int]:
@@ -53,7 +53,7 @@ def child_pids() -> set[int]:
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
-        if parent == os.getpid() and _alive(int(entry.name)):
+        if parent == os.getpid() and is_alive(int(entry.name)):
             children.add(int(entry.name))
     return children
 
@@ -225,7 +225,7 @@ def test_bad_method_option_through_plain_flwr_run_stops_before_round_1(
 
 @pytest.mark.e2e
 def test_ctrl_c_stops_every_process_of_the_run(tmp_path: Path):
-    command = [sys.executable, "-m", "fedbat_flwr.localrun", "--num-supernodes", "2"]
+    command = [sys.executable, "-m", "fedbat_tools.localrun", "--num-supernodes", "2"]
     command += ["--run-config", " ".join(f"{k}={v}" for k, v in SMALL.items())]
     command += ["--run-config", f"num-server-rounds=20 output-dir='{tmp_path}' run-name='c'"]
     proc = subprocess.Popen(command, cwd=APP_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -249,7 +249,7 @@ def test_ctrl_c_stops_every_process_of_the_run(tmp_path: Path):
     assert proc.returncode == 130, err.decode()
     assert "interrupted" in err.decode().strip().splitlines()[-1]
     assert ray_started, "the simulation never started its Ray processes"
-    assert not [pid for pid in seen if _alive(pid)], "a process of the run is still running"
+    assert not [pid for pid in seen if is_alive(pid)], "a process of the run is still running"
     assert (tmp_path / "c" / FAILED_FILE).exists()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from fedbat_flwr.localrun import LocalSuperLink
+from fedbat_tools.localrun import LocalSuperLink
 
 pytestmark = pytest.mark.e2e
 

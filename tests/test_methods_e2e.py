@@ -18,8 +18,8 @@ import pytest
 
 import tests.test_app_e2e as app_e2e
 import tests.test_server_rules_e2e as server_rules_e2e
-from fedbat_flwr.localrun import LocalSuperLink, app_config_defaults
 from fedbat_flwr.methods import get_method, method_names
+from fedbat_tools.localrun import LocalSuperLink, app_config_defaults
 
 # One run a payload kind, each with the run-config it adds: EF-SignSGD carries the compressed
 # broadcast to a 1-bit method and float BatchNorm (the mixed payload), FedAvg the compressed

@@ -15,11 +15,11 @@ from torch import nn
 
 from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.data import clear_caches, info_for, load_partition
-from fedbat_flwr.localrun import LocalSuperLink
 from fedbat_flwr.methods import client_task, get_method
 from fedbat_flwr.preflight import check_startup
 from fedbat_flwr.task import build_model_for, data_config, state_arrays
 from fedbat_flwr.wire import AlphaBounds, decode_payload
+from fedbat_tools.localrun import LocalSuperLink
 
 SIZE, CLASSES = 12, 3
 

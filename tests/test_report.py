@@ -12,14 +12,14 @@ import pytest
 import tomllib
 import torch
 
-from fedbat_flwr import evaluate_run
 from fedbat_flwr.config import RunConfig
 from fedbat_flwr.data import load_test_set
-from fedbat_flwr.localrun import APP_DIR
-from fedbat_flwr.report import report_main
 from fedbat_flwr.results import FAILED_FILE, RunRecorder
 from fedbat_flwr.task import build_model_for, data_config, load_state, state_arrays
 from fedbat_flwr.training import evaluate
+from fedbat_tools import evaluate_run
+from fedbat_tools.localrun import APP_DIR
+from fedbat_tools.report import report_main
 
 
 def write_run(

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedbat_flwr.localrun import LocalSuperLink
 from fedbat_flwr.results import (
     CHECKPOINT,
     CHECKPOINT_VERSION,
@@ -21,6 +20,7 @@ from fedbat_flwr.results import (
     read_metrics,
     save_checkpoint,
 )
+from fedbat_tools.localrun import LocalSuperLink
 
 CONFIG = {"method": "fedbat", "num-server-rounds": 4, "seed": 1}
 

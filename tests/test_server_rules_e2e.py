@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedbat_flwr.localrun import LocalSuperLink
 from fedbat_flwr.results import METRIC_KEYS, load_arrays
+from fedbat_tools.localrun import LocalSuperLink
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,11 +19,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import tomli_w
+import tomllib
 
-from fedbat_flwr import report, sweep
-from fedbat_flwr.localrun import APP_DIR, processes_under
 from fedbat_flwr.results import RunRecorder
-from fedbat_flwr.sweep import Suite, SuiteError, expand, load_suite
+from fedbat_tools import report, sweep
+from fedbat_tools.localrun import APP_DIR, processes_under
+from fedbat_tools.sweep import Suite, SuiteError, expand, load_suite
 
 METHODS = ["fedavg", "fedbat"]
 PAPER_METHODS = [
@@ -224,27 +225,33 @@ def test_results_inside_the_app_must_be_git_ignored(tmp_path: Path) -> None:
     """Flower zips *.json/*.md under the app folder into every run's FAB unless git-ignored."""
     app = tmp_path / "app"
     app.mkdir()
-    shutil.copy(APP_DIR / "pyproject.toml", app)
+    pyproject = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
+    del pyproject["tool"]["flwr"]["app"]["fab-exclude"]  # its patterns name this app's folders
+    (app / "pyproject.toml").write_bytes(tomli_w.dumps(pyproject).encode())
     assert sweep.fab_would_include(app / "results" / "smoke", app)
     (app / ".gitignore").write_text("results/\n")
     assert not sweep.fab_would_include(app / "results" / "smoke", app)
     assert not sweep.fab_would_include(tmp_path / "elsewhere", app)
 
 
+def test_the_fab_probe_follows_this_apps_fab_exclude() -> None:
+    """Flower refuses to build when a fab-exclude pattern matches nothing; the probe must still
+    build with the app's own patterns, or it would never block."""
+    assert sweep.fab_would_include(APP_DIR / "not-ignored" / "smoke")
+    assert not sweep.fab_would_include(APP_DIR / "results" / "smoke")  # .gitignore
+    assert not sweep.fab_would_include(APP_DIR / "conf" / "smoke")  # fab-exclude
+
+
 # --- progress -------------------------------------------------------------------------------
 
 
-def test_progress_lines_parse_the_app_output() -> None:
+def test_progress_follows_the_metrics_rows_of_the_run() -> None:
     cells = expand(Suite(name="t", base={"num-clients": 2, "num-server-rounds": 2}, grid={}))
     out = io.StringIO()
     progress = sweep.Progress(num_cells=3, rounds_to_run=6, out=out)
     progress.start(cells[0])
-    progress.line("INFO :      [ROUND 1/2]")
-    progress.line(
-        "[fedbat-flwr] round   1/2 | fedbat | test acc 0.8421 | uplink 1.021 bit/param | "
-        "replies 2 (+0 rejected) | 3.0 s"
-    )
-    progress.line("[fedbat-flwr] round   2/2 | fedbat | test acc    n/a | uplink 1.0 bit/param")
+    progress.round_done({"round": 1, "test_accuracy": 0.8421})
+    progress.round_done({"round": 2, "test_accuracy": None})
     progress.finish(cells[0], ok=True)
     lines = out.getvalue().splitlines()
     assert lines[0] == "cell 1/3 fedbat-iid-n2-s42 started"
@@ -252,6 +259,18 @@ def test_progress_lines_parse_the_app_output() -> None:
     assert "round 2/2 acc   n/a  ETA" in lines[2]
     assert lines[3].startswith("cell 1/3 fedbat-iid-n2-s42 done in ")
     assert progress.rounds_left == 4
+
+
+def test_metrics_tail_reads_only_complete_new_rows(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    tail = sweep.MetricsTail(path)
+    assert tail.new_rows() == []  # no round finished yet
+    path.write_text('{"round": 1}\n{"round": 2, "test_acc')  # row 2 is being written
+    assert tail.new_rows() == [{"round": 1}]
+    with open(path, "a") as fh:
+        fh.write('uracy": 0.5}\n')
+    assert tail.new_rows() == [{"round": 2, "test_accuracy": 0.5}]
+    assert tail.new_rows() == []
 
 
 # --- tables and plots -----------------------------------------------------------------------
@@ -352,7 +371,7 @@ def test_dry_run_lists_cells_and_why_a_cell_is_stale(tmp_path: Path) -> None:
 def run_cli(*args: str, timeout: float = 600) -> str:
     """The real command in a subprocess; on timeout SIGTERM lets it stop its SuperLink."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedbat_flwr.sweep", *args],
+        [sys.executable, "-m", "fedbat_tools.sweep", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -413,7 +432,7 @@ def test_smoke_sweep_end_to_end_and_resume(tmp_path: Path) -> None:
 def test_a_run_from_before_a_key_counts_as_that_keys_old_behaviour() -> None:
     """A committed run that never recorded bn-payload sent BatchNorm 1-bit: it is stale for a
     float16 cell and done for a binary one."""
-    from fedbat_flwr.sweep import config_changes
+    from fedbat_tools.sweep import config_changes
 
     summary = {"config": {"method": "fedbat", "seed": 0}}
     cell_float = SimpleNamespace(run_config={"method": "fedbat", "bn-payload": "float16"})
@@ -425,7 +444,7 @@ def test_a_run_from_before_a_key_counts_as_that_keys_old_behaviour() -> None:
 def test_a_key_a_method_does_not_read_never_makes_its_run_stale() -> None:
     """bn-payload only changes the 1-bit methods' runs: a FedAvg run recorded (or implied) with
     binary BatchNorm is still done for a float16 cell, a FedBAT or EF-SignSGD one is stale."""
-    from fedbat_flwr.sweep import config_changes
+    from fedbat_tools.sweep import config_changes
 
     for method, stale in [
         ("fedavg", False),

@@ -27,6 +27,10 @@ from typing import Any
 
 import httpx
 
+from fedbat_flwr.config import ConfigError, RunConfig
+from fedbat_flwr.preflight import preflight
+from fedbat_flwr.results import FAILED_FILE, default_run_name
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -47,8 +51,6 @@ def app_config_defaults(app_dir: Path = APP_DIR) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _app_config_defaults(app_dir: Path) -> dict[str, Any]:
-    from .config import RunConfig
-
     defaults = {f.name.replace("_", "-"): f.default for f in fields(RunConfig) if f.name != "extra"}
     path = app_dir / "pyproject.toml"
     if path.exists():
@@ -57,7 +59,7 @@ def _app_config_defaults(app_dir: Path) -> dict[str, Any]:
     return defaults
 
 
-def _bin(name: str) -> str:
+def env_script(name: str) -> str:
     """A console script of this environment (works without an activated venv)."""
     candidate = Path(sys.executable).with_name(name)
     return str(candidate) if candidate.exists() else name
@@ -109,7 +111,7 @@ class LocalSuperLink:
         if self.process is not None:
             raise RuntimeError(f"this SuperLink was already started (pid {self.process.pid})")
         command = [
-            _bin("flower-superlink"),
+            env_script("flower-superlink"),
             "--insecure",
             "--simulation",
             "--isolation",
@@ -176,7 +178,7 @@ class LocalSuperLink:
         """
         federation_config = {"num-supernodes": num_supernodes, **(federation or {})}
         command = [
-            _bin("flwr"),
+            env_script("flwr"),
             "run",
             str(app_dir),
             "--stream",
@@ -222,11 +224,11 @@ def free_ports(count: int) -> list[int]:
 def stop_leftovers(home: Path, grace: float = 5.0) -> list[int]:
     """Stop, by PID, processes still running with FLWR_HOME=<home> (unique per SuperLink)."""
     pids = processes_under(home)
-    _signal_all(pids, signal.SIGTERM)
+    signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and processes_under(home):
         time.sleep(0.1)
-    _signal_all(processes_under(home), signal.SIGKILL)  # re-listed: never signal a reused PID
+    signal_all(processes_under(home), signal.SIGKILL)  # re-listed: never signal a reused PID
     return pids
 
 
@@ -240,7 +242,7 @@ def processes_under(home: Path) -> list[int]:
         except OSError:
             continue
         pid = int(entry.name)
-        if marker in environ and pid != os.getpid() and _alive(pid):
+        if marker in environ and pid != os.getpid() and is_alive(pid):
             found.append(pid)
     return found
 
@@ -282,24 +284,24 @@ def stop_trees(procs: Sequence[subprocess.Popen[Any]], grace: float = 10.0) -> N
     """
     live = [proc for proc in procs if proc.poll() is None]
     pids = [pid for proc in live for pid in (proc.pid, *descendants(proc.pid))]
-    _signal_all(pids, signal.SIGTERM)
+    signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+    while time.monotonic() < deadline and any(is_alive(pid) for pid in pids):
         for proc in live:
             proc.poll()  # reap our direct children as they exit
         time.sleep(0.1)
-    _signal_all([pid for pid in pids if _alive(pid)], signal.SIGKILL)
+    signal_all([pid for pid in pids if is_alive(pid)], signal.SIGKILL)
     for proc in live:
         proc.wait()
 
 
-def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+def signal_all(pids: list[int], sig: signal.Signals) -> None:
     for pid in pids:
         with suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -352,7 +354,7 @@ def latest_run_status(flwr_ls: Sequence[str], env: Mapping[str, str]) -> RunStat
     that reach it (e.g. a connection name). None if the SuperLink cannot tell."""
     try:
         result = subprocess.run(
-            [_bin("flwr"), "ls", *flwr_ls, "--format", "json"],
+            [env_script("flwr"), "ls", *flwr_ls, "--format", "json"],
             env=dict(env),
             capture_output=True,
             text=True,
@@ -397,8 +399,6 @@ def failure_reason(
 def mark_failed(run_dir: Path, reason: str) -> None:
     """Leave `<run dir>/FAILED` with the reason, if the run made its folder: beside log.txt
     and the rounds done so far (resumable from checkpoint.npz), never a summary.json."""
-    from .results import FAILED_FILE
-
     if run_dir.is_dir():
         (run_dir / FAILED_FILE).write_text(reason + "\n")
 
@@ -433,8 +433,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def plan_run(overrides: dict[str, Any], known: Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
     """Fix output-dir (absolute) and run-name in the overrides, so the run dir is known here."""
-    from .results import default_run_name
-
     config = {**known, **overrides}
     if config.get("resume-from"):
         return overrides, Path(str(config["resume-from"])).expanduser().resolve()
@@ -449,9 +447,6 @@ def plan_run(overrides: dict[str, Any], known: Mapping[str, Any]) -> tuple[dict[
 def main(argv: Sequence[str] | None = None) -> int:
     """Pre-flight, run, report: the last line printed says where the results are or why not."""
     from flwr.common.config import parse_config_args
-
-    from .config import ConfigError
-    from .preflight import preflight
 
     args = _parser().parse_args(argv)
     try:
@@ -478,8 +473,6 @@ def run_and_report(
     timeout: float | None,
 ) -> int:
     """One run on a SuperLink of our own; its output is streamed and kept in <run dir>/log.txt."""
-    from .results import FAILED_FILE
-
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED_FILE).unlink(missing_ok=True)
     log_path = run_dir / "log.txt"

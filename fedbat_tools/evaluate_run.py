@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
+from fedbat_flwr.config import ConfigError, RunConfig
+from fedbat_flwr.results import load_arrays
+
 from .report import RunDirError
-from .results import load_arrays
 
 
 def run_config_of(run_dir: Path) -> RunConfig:
@@ -34,9 +35,9 @@ def score_run(
     run_dir: Path, *, data_dir: str | None = None, max_test_examples: int = 0
 ) -> dict[str, Any]:
     """Load model.npz into the run's model and evaluate it; accuracy, loss and example count."""
-    from .data import load_test_set
-    from .task import build_model_for, data_config, load_state
-    from .training import default_device, evaluate, prepare_model
+    from fedbat_flwr.data import load_test_set
+    from fedbat_flwr.task import build_model_for, data_config, load_state
+    from fedbat_flwr.training import default_device, evaluate, prepare_model
 
     config = run_config_of(run_dir)
     if data_dir is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .results import read_metrics
+from fedbat_flwr.results import read_metrics
 
 MB = 1e6  # bytes per MB in every table and plot (decimal, like network traffic)
 LAST_K = 5  # final_mean_last5: short non-IID runs are noisy, so also average the last rounds

@@ -18,7 +18,7 @@ of partitions. Every cell runs through ONE SuperLink owned by the sweep (stopped
 on errors and on Ctrl-C). Cells write `<DIR>/runs/<run-name>/` (the results contract plus
 `log.txt`); a cell whose summary.json is complete and whose config matches is skipped, any other
 existing run dir is deleted and the cell rerun, so an interrupted sweep resumes where it stopped.
-An output folder inside the app folder must be git-ignored: `flwr run` packs every other
+An output folder inside the app folder must be git-ignored (or fab-excluded): `flwr run` packs any
 *.json/*.jsonl/*.md there into each run's app bundle (the sweep refuses to run otherwise).
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import fnmatch
-import io
 import itertools
 import json
 import re
@@ -35,7 +34,6 @@ import shutil
 import signal
 import sys
 import time
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,7 +42,9 @@ from typing import Any, TextIO
 
 import yaml
 
-from .config import ConfigError, RunConfig
+from fedbat_flwr.config import ConfigError, RunConfig
+from fedbat_flwr.wire import SIGN_KINDS
+
 from .localrun import (
     APP_DIR,
     LocalSuperLink,
@@ -54,14 +54,12 @@ from .localrun import (
     mark_failed,
 )
 from .report import GroupKey, load_run, write_report
-from .wire import SIGN_KINDS
 
 SUITE_KEYS = ("name", "description", "base", "grid", "clients-per-round", "labels", "paper")
 NUM_CLIENTS = "num-clients"  # not a run-config key: the number of simulated SuperNodes
 OWNED_KEYS = ("output-dir", "run-name")  # set by the sweep for every cell
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
-PROGRESS_RE = re.compile(r"\[fedbat-flwr\] round\s+(\d+)/(\d+) \| [^|]+\| test acc\s+(\S+)")
 
 
 class SuiteError(ValueError):
@@ -270,7 +268,11 @@ def _check_methods(cells: Sequence[Cell], known: Sequence[str] | None) -> None:
             registered = ", ".join(sorted(known))
             raise SuiteError(f"unknown method(s) {unknown}; registered: {registered}")
         return
-    from .preflight import check_data, check_method, check_nodes  # torch: suite is otherwise fine
+    from fedbat_flwr.preflight import (  # torch: suite is otherwise fine
+        check_data,
+        check_method,
+        check_nodes,
+    )
 
     for cell in cells:
         config = RunConfig.from_flower(cell.run_config)
@@ -357,7 +359,7 @@ def config_changes(cell: Cell, summary: Mapping[str, Any]) -> list[str]:
 
 
 def _keys_not_read(method: str) -> set[str]:
-    from .methods import get_method  # torch: only when a finished run is compared
+    from fedbat_flwr.methods import get_method  # torch: only when a finished run is compared
 
     try:
         kind = get_method(method).payload_kind
@@ -376,8 +378,31 @@ def _read_summary(run_dir: Path) -> dict[str, Any] | None:
 # --- running --------------------------------------------------------------------------------
 
 
+class MetricsTail:
+    """The rows a run appends to its metrics.jsonl (the results contract), as they arrive.
+
+    Only complete lines are read, so a row the ServerApp is writing right now comes next time.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def new_rows(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:  # no round finished yet
+            return []
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
 class Progress:
-    """One console line per finished round, with an ETA for the whole sweep.
+    """One console line per finished round (a new metrics.jsonl row), with an ETA for the
+    whole sweep.
 
     ETA = mean wall time per round so far (startup included, so it is honest) x rounds left in
     this cell and in the cells still to run.
@@ -397,25 +422,24 @@ class Progress:
         self.cell, self.cell_started, self.cell_rounds = cell, time.monotonic(), 0
         self._say(f"cell {cell.index}/{self.num_cells} {cell.run_name} started")
 
-    def line(self, text: str) -> None:
-        """Feed one line of the run's output; prints a progress line when a round finished."""
-        match = PROGRESS_RE.search(text)
-        if match is None or self.cell is None:
+    def round_done(self, row: Mapping[str, Any]) -> None:
+        """Count one metrics.jsonl row of the running cell and print its progress line."""
+        if self.cell is None:
             return
-        done, total, acc = int(match[1]), int(match[2]), match[3]
+        done, acc = int(row["round"]), row.get("test_accuracy")
         self.rounds_done += done - self.cell_rounds
         self.rounds_left -= done - self.cell_rounds
         self.cell_rounds = done
-        acc_text = acc if acc != "n/a" else "  n/a "
+        acc_text = "  n/a " if acc is None else f"{acc:.4f}"
         self._say(
-            f"cell {self.cell.index}/{self.num_cells} {self.cell.run_name} round {done}/{total} "
-            f"acc {acc_text} ETA {self.eta()}"
+            f"cell {self.cell.index}/{self.num_cells} {self.cell.run_name} round "
+            f"{done}/{self.cell.num_rounds} acc {acc_text} ETA {self.eta()}"
         )
 
     def finish(self, cell: Cell, ok: bool) -> None:
         elapsed = time.monotonic() - self.cell_started
         self.spent += elapsed
-        unseen = cell.num_rounds - self.cell_rounds  # rounds whose line was not seen
+        unseen = cell.num_rounds - self.cell_rounds  # rounds whose row was not seen
         self.rounds_left -= unseen  # a failed cell's rest will not run either
         if ok:
             self.rounds_done += unseen
@@ -467,16 +491,19 @@ def run_cell(link: LocalSuperLink, cell: Cell, runs_dir: Path, progress: Progres
     run_dir.mkdir(parents=True)
     run_config = {**cell.run_config, "output-dir": str(runs_dir), "run-name": cell.run_name}
 
+    rows = MetricsTail(run_dir / "metrics.jsonl")
     progress.start(cell)
     with open(run_dir / "log.txt", "w") as log:
 
         def on_line(raw: str) -> None:
-            text = ANSI_RE.sub("", raw)
-            log.write(text + "\n")
+            log.write(ANSI_RE.sub("", raw) + "\n")
             log.flush()
-            progress.line(text)
+            for row in rows.new_rows():  # the ServerApp prints a line after each row it writes
+                progress.round_done(row)
 
         code = link.run(run_config, num_supernodes=cell.num_clients, on_line=on_line)
+    for row in rows.new_rows():
+        progress.round_done(row)
     ok = cell_status(cell, runs_dir) == "done"
     progress.finish(cell, ok)
     if ok:
@@ -590,24 +617,21 @@ def fab_would_include(out_dir: Path, app_dir: Path = APP_DIR) -> bool:
     """True if `flwr run` would pack this folder's results into every run's app bundle (FAB).
 
     `flwr run <app>` zips every *.json, *.jsonl, *.md, *.yaml under the app folder that
-    .gitignore does not exclude; results written there would make each cell's FAB bigger (and
-    different, so installed anew) than the last, until it passes Flower's 10 MB limit.
+    .gitignore and `fab-exclude` do not exclude; results written there would make each cell's
+    FAB bigger (and different, so installed anew) than the last, until it passes Flower's 10 MB
+    limit.
     """
     try:
         relative = out_dir.resolve().relative_to(app_dir.resolve())
     except ValueError:
         return False
     probe = (relative / "runs" / "cell" / "summary.json").as_posix()
-    files: dict[str, bytes | Path] = {"pyproject.toml": app_dir / "pyproject.toml", probe: b"{}"}
-    if (app_dir / ".gitignore").exists():
-        files[".gitignore"] = app_dir / ".gitignore"
     try:
-        from flwr.cli.build import build_fab_from_files
+        from .fab import fab_contents  # Flower's build module takes seconds to import
 
-        fab, _ = build_fab_from_files(files)
+        return probe in fab_contents(app_dir, {probe: b"{}"})
     except Exception:  # Flower's rules changed or refused the probe: cannot tell, do not block
         return False
-    return probe in zipfile.ZipFile(io.BytesIO(fab)).namelist()
 
 
 def _check_outside_fab(out_dir: Path) -> None:

@@ -40,14 +40,14 @@ from cryptography.x509.oid import NameOID
 from .localrun import (
     APP_DIR,
     RunStatus,
-    _alive,
-    _bin,
-    _signal_all,
     descendants,
+    env_script,
     free_ports,
+    is_alive,
     latest_run_status,
     processes_under,
     run_config_arg,
+    signal_all,
     stop_leftovers,
     stop_on_signals,
     stop_process_group,
@@ -262,7 +262,7 @@ class LocalDeployment:
 
     # -- SuperLink ---------------------------------------------------------------------------
     def superlink_command(self) -> list[str]:
-        command = [_bin("flower-superlink"), "--isolation", "subprocess"]
+        command = [env_script("flower-superlink"), "--isolation", "subprocess"]
         command += ["--host", HOST, "--port", str(self.port)]
         command += ["--disable-runtime-dependency-installation", *self._server_tls_args()]
         if self.auth:
@@ -306,7 +306,7 @@ class LocalDeployment:
     def supernode_command(
         self, partition_id: int, runtime_port: int, keys: NodeKeys | None
     ) -> list[str]:
-        command = [_bin("flower-supernode"), "--superlink", self.address]
+        command = [env_script("flower-supernode"), "--superlink", self.address]
         command += ["--isolation", "subprocess", "--host", HOST, "--port", str(runtime_port)]
         command += ["--node-config", f"partition-id={partition_id} num-partitions={self.num_nodes}"]
         # A node that cannot connect, or is refused, gives up instead of retrying forever.
@@ -359,14 +359,14 @@ class LocalDeployment:
     def kill_node(self, partition_id: int) -> None:
         """SIGKILL a SuperNode and its ClientApp processes at once, as a crash would."""
         node = self.nodes.pop(partition_id)
-        _signal_all([node.process.pid, *descendants(node.process.pid)], signal.SIGKILL)
+        signal_all([node.process.pid, *descendants(node.process.pid)], signal.SIGKILL)
         node.process.wait()
 
     # -- the flwr CLI ------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """One `flwr` command against this SuperLink; its output goes to logs/flwr-cli.log."""
         result = subprocess.run(
-            [_bin("flwr"), *args],
+            [env_script("flwr"), *args],
             env=self.env(),
             capture_output=True,
             text=True,
@@ -416,7 +416,7 @@ class LocalDeployment:
 
         The stream is also appended to logs/flwr-run.log.
         """
-        command = [_bin("flwr"), "run", str(self.app_dir), CONNECTION, "--stream"]
+        command = [env_script("flwr"), "run", str(self.app_dir), CONNECTION, "--stream"]
         if run_config:
             command += ["--run-config", run_config_arg(run_config)]
         return stream_command(command, self.env(), self.log_dir / "flwr-run.log", on_line, timeout)
@@ -501,7 +501,7 @@ def stream_command(
 
 def all_gone(pids: Sequence[int]) -> bool:
     """True when none of `pids` is alive (zombies count as gone)."""
-    return not any(_alive(pid) for pid in pids)
+    return not any(is_alive(pid) for pid in pids)
 
 
 def deploy_and_run(
