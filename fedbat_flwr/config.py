@@ -14,9 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "svhn", "custom")  # custom: data-dir
+# The allowed values of the run config's choice keys; every other module reads them from here.
+CUSTOM = "custom"  # a user's save_to_disk folder in data-dir
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "svhn", CUSTOM)  # data.py: DATASET_INFO
 PARTITIONERS = ("iid", "dirichlet", "shard")
-MODELS = ("auto", "cnn4", "resnet10")
+AUTO_MODEL = "auto"  # the paper's model for the data set (RunConfig.model_name)
+MODELS = (AUTO_MODEL, "cnn4", "resnet10")  # training/models.py builds all but auto
 NUM_EXAMPLES_POLICIES = ("cap", "reject")
 BN_PAYLOADS = ("binary", "float16", "float32")
 DOWNLINK_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)  # wire/downlink.py; 32 = the float32 model
@@ -32,7 +35,7 @@ class RunConfig:
 
     method: str = "fedbat"
     aggregator: str = "fedavg"
-    model: str = "auto"
+    model: str = AUTO_MODEL
     resnet_width: int = 32
     dataset: str = "fashion_mnist"
     data_dir: str = ""
@@ -111,7 +114,7 @@ class RunConfig:
             if key not in defaults:
                 extra[raw_key] = value
                 continue
-            values[key] = _coerce(raw_key, value, type(defaults[key]))
+            values[key] = coerce(raw_key, value, type(defaults[key]))
         return cls(**values, extra=extra)
 
     def to_flower(self) -> dict[str, Any]:
@@ -125,11 +128,11 @@ class RunConfig:
         """A method-specific key from `extra`, coerced to the default's type."""
         if key not in self.extra:
             return default
-        return _coerce(key, self.extra[key], type(default))
+        return coerce(key, self.extra[key], type(default))
 
     @property
     def model_name(self) -> str:
-        if self.model != "auto":
+        if self.model != AUTO_MODEL:
             return self.model
         return "resnet10" if self.dataset.startswith("cifar") else "cnn4"
 
@@ -137,8 +140,9 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    """TOML gives ints for floats written without a dot; accept those, refuse the rest."""
+def coerce(key: str, value: Any, kind: type) -> Any:
+    """`value` as the type of `key`'s default. TOML gives ints for floats written without a dot;
+    accept those (and integral floats for ints), refuse the rest naming the key."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
@@ -197,4 +201,4 @@ def check_keys(overrides: Mapping[str, Any], known: Mapping[str, Any]) -> None:
                 f"run-config key '{key}' is unknown; {hint}every key and its default is in "
                 "[tool.flwr.app.config] of pyproject.toml"
             )
-        _coerce(key, value, type(known[key]))
+        coerce(key, value, type(known[key]))

@@ -40,6 +40,8 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
+from .config import CUSTOM, DATASETS, PARTITIONERS
+
 # Where Debian's `dataset-fashion-mnist` installs the IDX files (tests monkeypatch this).
 DEBIAN_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -51,8 +53,6 @@ IDX_FILES: dict[str, str] = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 
-PARTITIONERS = ("iid", "dirichlet", "shard")
-CUSTOM = "custom"  # a user's save_to_disk folder; its DatasetInfo is read from the data
 # Examples the custom data set's per-channel mean and std are estimated from.
 CUSTOM_STATS_EXAMPLES = 2000
 
@@ -89,7 +89,8 @@ class DatasetInfo:
     hub_config: str | None = None
 
 
-DATASETS: dict[str, DatasetInfo] = {
+# Every data set of config.DATASETS but CUSTOM, whose DatasetInfo is read from the data.
+DATASET_INFO: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
         DatasetInfo(
@@ -143,9 +144,9 @@ DATASETS: dict[str, DatasetInfo] = {
 
 def dataset_info(name: str) -> DatasetInfo:
     """Look a dataset up by name; an unknown name is an error listing the known ones."""
-    info = DATASETS.get(name) if isinstance(name, str) else None
+    info = DATASET_INFO.get(name) if isinstance(name, str) else None
     if info is None:
-        allowed = ", ".join([*DATASETS, CUSTOM])
+        allowed = ", ".join(DATASETS)
         raise ValueError(f"unknown dataset {name!r}; allowed: {allowed}")
     return info
 

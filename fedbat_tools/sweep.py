@@ -35,14 +35,14 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
-from fedbat_flwr.config import ConfigError, RunConfig
+from fedbat_flwr.config import ConfigError, RunConfig, coerce
 from fedbat_flwr.wire import SIGN_KINDS
 
 from .localrun import (
@@ -170,34 +170,24 @@ def _grid(grid: Any, schema: Mapping[str, Any]) -> dict[str, list[Any]]:
 
 
 def _value(where: str, key: Any, value: Any, schema: Mapping[str, Any]) -> Any:
-    """Check the key is a run-config key and coerce the value to its default's type."""
+    """Check the key is a run-config key and coerce the value to its default's type, as
+    RunConfig does (YAML reads `5e-4` as a string, so floats accept that too)."""
     if key in OWNED_KEYS:
         raise SuiteError(f"{where} '{key}' is set by the sweep for every cell; remove it")
-    if key == NUM_CLIENTS:
-        return _typed(where, key, value, 1)
+    if key == NUM_CLIENTS:  # not a run-config key
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SuiteError(f"{where} '{key}' = {value!r} must be an integer")
+        return value
     if key not in schema:
         allowed = ", ".join([NUM_CLIENTS, *sorted(k for k in schema if k not in OWNED_KEYS)])
         raise SuiteError(f"unknown run-config key '{key}' in {where}; allowed: {allowed}")
-    return _typed(where, key, value, schema[key])
-
-
-def _typed(where: str, key: str, value: Any, default: Any) -> Any:
-    """TOML-typed like the default. YAML reads `5e-4` as a string, so floats accept that too."""
-    kind = type(default)
-    if kind is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise SuiteError(
-            f"{where} '{key}' = {value!r} has type {type(value).__name__}; expected {kind.__name__}"
-        )
-    return value
+    if isinstance(schema[key], float) and isinstance(value, str):
+        with suppress(ValueError):
+            value = float(value)
+    try:
+        return coerce(key, value, type(schema[key]))
+    except ConfigError as exc:
+        raise SuiteError(f"{where}: {exc}") from None
 
 
 def _clients_per_round(doc: Mapping[str, Any]) -> int | None:

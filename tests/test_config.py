@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from fedbat_flwr.config import ConfigError, RunConfig
+from fedbat_flwr.config import (
+    BN_PAYLOADS,
+    DATASETS,
+    MODELS,
+    NUM_EXAMPLES_POLICIES,
+    PARTITIONERS,
+    ConfigError,
+    RunConfig,
+)
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
@@ -51,3 +59,20 @@ def test_unknown_keys_go_to_extra_for_the_method_to_read():
 def test_model_auto_follows_the_paper():
     assert RunConfig(dataset="cifar10").model_name == "resnet10"
     assert RunConfig(dataset="svhn").model_name == "cnn4"
+
+
+@pytest.mark.parametrize(
+    ("key", "allowed"),
+    [
+        ("dataset", DATASETS),
+        ("partitioner", PARTITIONERS),
+        ("model", MODELS),
+        ("num-examples-policy", NUM_EXAMPLES_POLICIES),
+        ("bn-payload", BN_PAYLOADS),
+    ],
+)
+def test_pyproject_comments_name_every_allowed_value(key: str, allowed: tuple[str, ...]):
+    """The comment beside a choice key in pyproject.toml is what users read; config.py decides."""
+    (line,) = [x for x in PYPROJECT.read_text().splitlines() if x.startswith(f"{key} = ")]
+    comment = line.partition("#")[2]
+    assert [a for a in allowed if a not in comment] == []

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fedbat_flwr import data
+from fedbat_flwr.config import CUSTOM, DATASETS, PARTITIONERS
 from fedbat_flwr.data import DataConfig
 
 HAVE_FMNIST = not data._find_idx_files(data.DEBIAN_FMNIST_DIR)[1]
@@ -339,6 +340,12 @@ def test_hub_offline_error_for_cifar_omits_debian(monkeypatch, fresh_caches):
 
 
 # --- configuration errors -------------------------------------------------------------------
+
+
+def test_every_data_set_and_partitioner_of_the_run_config_is_served_here():
+    assert set(data.DATASET_INFO) == set(DATASETS) - {CUSTOM}  # custom's info is read from disk
+    for partitioner in PARTITIONERS:
+        DataConfig(partitioner=partitioner)
 
 
 def test_dataset_info_values():

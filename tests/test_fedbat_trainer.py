@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import fedbat_flwr.training.fedbat as fedbat_module
+from fedbat_flwr.config import AUTO_MODEL, MODELS
 from fedbat_flwr.training import (
     CNN4,
     BinarizedUpdates,
@@ -383,6 +384,12 @@ def test_resnet10_shapes_and_counts(widths: tuple[int, int, int, int]) -> None:
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
     bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert bn == 1 + 2 * 4 + 3
+
+
+@pytest.mark.parametrize("name", [m for m in MODELS if m != AUTO_MODEL])
+def test_every_model_of_the_run_config_builds(name: str) -> None:
+    model = build_model(name, in_channels=3, num_classes=10, image_size=32)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_models_init_and_errors() -> None:

@@ -77,7 +77,11 @@ grid: {method: [fedavg, fedbat], num-clients: [4, 8], seed: [0, 1]}
         ("name: t\nbase: {num-clients: 2, output-dir: x}\n", "'output-dir' is set by the sweep"),
         ("name: t\ngrid: {num-clients: [2], seed: 0}\n", "grid 'seed' must be a non-empty list"),
         ("name: t\ngrid: {num-clients: [2], seed: [0, 0]}\n", "grid 'seed' lists a value twice"),
-        ("name: t\nbase: {num-clients: 2, local-epochs: ten}\n", "base 'local-epochs' = 'ten'"),
+        (
+            "name: t\nbase: {num-clients: 2, local-epochs: ten}\n",
+            "base: run-config 'local-epochs' = 'ten' has type str; allowed: int",
+        ),
+        ("name: t\ngrid: {num-clients: [2.5]}\n", "grid 'num-clients' = 2.5 must be an integer"),
         ("name: t\nbase: {num-clients: 2, lr: -1}\n", "'lr' = -1.0 is out of range"),
         ("name: t\nbase: {num-clients: 2, partitioner: x}\n", "'partitioner' = 'x'"),
         ("name: t\nbase: {num-clients: 2, method: nope}\n", "unknown method(s) ['nope']"),

@@ -12,7 +12,7 @@ from fedbat_flwr.training.loop import (
     recompute_batchnorm_statistics,
     run_sgd,
 )
-from fedbat_flwr.training.models import CNN4, MODEL_NAMES, ResNet10, build_model
+from fedbat_flwr.training.models import CNN4, ResNet10, build_model
 from fedbat_flwr.training.parametrize import (
     BinarizedUpdates,
     attach_binarized_updates,
@@ -23,7 +23,6 @@ from fedbat_flwr.training.parametrize import (
 
 __all__ = [
     "CNN4",
-    "MODEL_NAMES",
     "BinarizedUpdates",
     "FedBATConfig",
     "FedBATResult",

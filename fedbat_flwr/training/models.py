@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-MODEL_NAMES = ("cnn4", "resnet10")
+from fedbat_flwr.config import AUTO_MODEL, MODELS
+
 _INIT_STD = 0.01  # authors' code: conv/linear weights ~ N(0, 0.01^2)
 
 
@@ -111,8 +112,9 @@ def build_model(
         return CNN4(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     if name == "resnet10":
         return ResNet10(num_classes=num_classes, in_channels=in_channels, widths=resnet_widths)
+    built_in = ", ".join(m for m in MODELS if m != AUTO_MODEL)
     raise ValueError(
-        f"run-config 'model' = {name!r} is not allowed; allowed: {', '.join(MODEL_NAMES)} or "
+        f"run-config 'model' = {name!r} is not allowed; allowed: {built_in} or "
         "'package.module:build_fn'"
     )
 
