@@ -7,6 +7,7 @@ A suite file has:
     name: paper-fmnist            # the output folder is results/<name>/ unless --output
     description: ...              # optional, printed above the tables
     base: {dataset: fashion_mnist, local-epochs: 10, ...}   # run-config keys, as in pyproject
+    method-base: {ef-signsgd: {bn-payload: binary}}        # optional: one method's cells only
     grid: {method: [fedavg, fedbat], partitioner: [iid, shard], num-clients: [30, 100],
            seed: [0, 1]}          # every combination is one run ("cell")
     clients-per-round: 10         # optional: fraction-train = k/N and min-train-nodes = k
@@ -43,7 +44,6 @@ from typing import Any, TextIO
 import yaml
 
 from fedbat_flwr.config import ConfigError, RunConfig, coerce
-from fedbat_flwr.wire import SIGN_KINDS
 
 from .localrun import (
     APP_DIR,
@@ -55,7 +55,16 @@ from .localrun import (
 )
 from .report import GroupKey, load_run, write_report
 
-SUITE_KEYS = ("name", "description", "base", "grid", "clients-per-round", "labels", "paper")
+SUITE_KEYS = (
+    "name",
+    "description",
+    "base",
+    "method-base",
+    "grid",
+    "clients-per-round",
+    "labels",
+    "paper",
+)
 NUM_CLIENTS = "num-clients"  # not a run-config key: the number of simulated SuperNodes
 OWNED_KEYS = ("output-dir", "run-name")  # set by the sweep for every cell
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -76,6 +85,8 @@ class Suite:
     name: str
     base: dict[str, Any]
     grid: dict[str, list[Any]]
+    # Run-config keys for one method's cells only (over `base`, under the grid's values).
+    method_base: dict[str, dict[str, Any]] = field(default_factory=dict)
     clients_per_round: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
     paper: dict[str, dict[int, dict[str, tuple[float, float]]]] = field(default_factory=dict)
@@ -113,6 +124,7 @@ def load_suite(path: Path, known_methods: Sequence[str] | None = None) -> Suite:
         name=_suite_name(doc.get("name")),
         base=_base(doc.get("base", {}), schema),
         grid=_grid(doc.get("grid", {}), schema),
+        method_base=_method_base(doc.get("method-base", {}), schema),
         clients_per_round=_clients_per_round(doc),
         labels=_labels(doc.get("labels", {})),
         paper=_paper(doc.get("paper", {})),
@@ -120,6 +132,9 @@ def load_suite(path: Path, known_methods: Sequence[str] | None = None) -> Suite:
     )
     _check_num_clients(suite)
     cells = expand(suite)  # checks each cell's run config and run-name uniqueness
+    unused = sorted(set(suite.method_base) - {c.run_config["method"] for c in cells})
+    if unused:
+        raise SuiteError(f"'method-base' names method(s) {unused} that no cell runs")
     _check_methods(cells, known_methods)
     return suite
 
@@ -152,6 +167,14 @@ def _base(base: Any, schema: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(base, dict):
         raise SuiteError(f"suite 'base' must be a mapping of run-config keys, got {base!r}")
     return {key: _value("base", key, value, schema) for key, value in base.items()}
+
+
+def _method_base(value: Any, schema: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise SuiteError(
+            f"suite 'method-base' must map method names to run-config keys, got {value!r}"
+        )
+    return {str(method): _base(keys, schema) for method, keys in value.items()}
 
 
 def _grid(grid: Any, schema: Mapping[str, Any]) -> dict[str, list[Any]]:
@@ -293,7 +316,8 @@ def expand(suite: Suite) -> list[Cell]:
 
 
 def _cell(suite: Suite, index: int, params: dict[str, Any], varying: Sequence[str]) -> Cell:
-    run_config = {**suite.base, **params}
+    method = params.get("method", suite.base.get("method", app_config_defaults()["method"]))
+    run_config = {**suite.base, **suite.method_base.get(method, {}), **params}
     num_clients = int(run_config.pop(NUM_CLIENTS))
     if suite.clients_per_round is not None:
         # Flower samples max(int(connected * fraction-train), min-train-nodes) SuperNodes.
@@ -330,17 +354,12 @@ def cell_status(cell: Cell, runs_dir: Path) -> str:
 VALUE_BEFORE_KEY = {"bn-payload": "binary", "downlink-bits": 32, "fedpm-theta": "mean"}
 
 
-# Keys only the methods of some payload kinds read: a change of one leaves every other
-# method's runs as they are (FedAvg's run does not depend on how 1-bit methods send BatchNorm).
-KEYS_OF_KINDS = {"bn-payload": SIGN_KINDS}
-
-
 def config_changes(cell: Cell, summary: Mapping[str, Any]) -> list[str]:
     """Keys whose value differs from the finished run's. A key the run did not record counts
-    as its `VALUE_BEFORE_KEY` value if it has one, and is ignored otherwise; a key of
-    `KEYS_OF_KINDS` counts only for the methods it applies to."""
+    as its `VALUE_BEFORE_KEY` value if it has one, and is ignored otherwise; another method's
+    option (`Method.options`: FedPM's `fedpm-theta` for a FedAvg run) is ignored too."""
     recorded = {**VALUE_BEFORE_KEY, **(summary.get("config") or {})}
-    unread = _keys_not_read(str(cell.run_config.get("method", "")))
+    unread = _options_not_read(str(cell.run_config.get("method", "")))
     return [
         f"{k}: {recorded[k]!r} -> {v!r}"
         for k, v in cell.run_config.items()
@@ -348,14 +367,15 @@ def config_changes(cell: Cell, summary: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _keys_not_read(method: str) -> set[str]:
-    from fedbat_flwr.methods import get_method  # torch: only when a finished run is compared
+def _options_not_read(method: str) -> set[str]:
+    from fedbat_flwr.methods import get_method, method_names  # torch: only to compare a run
 
     try:
-        kind = get_method(method).payload_kind
+        own = set(get_method(method).options)
     except ValueError:  # an unknown method: compare every key
         return set()
-    return {key for key, kinds in KEYS_OF_KINDS.items() if kind not in kinds}
+    every = {key for name in method_names() for key in get_method(name).options}
+    return every - own
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any] | None:

@@ -68,8 +68,13 @@ def test_custom_data_set_is_read_with_its_own_columns(tmp_path: Path):
     assert abs(float(part.x.mean())) < 0.3 and 0.7 < float(part.x.std()) < 1.3
 
 
-def test_fedbat_binarizes_every_parameter_of_the_mlp(tmp_path: Path):
-    config = own_config(make_custom(tmp_path / "data"), **{"local-epochs": 1})
+@pytest.mark.parametrize(("bn_payload", "signed"), [("binary", 4), ("float16", 2)])
+def test_fedbat_trains_the_mlp_unchanged(tmp_path: Path, bn_payload: str, signed: int):
+    """`binary` binarizes all four tensors; the default float16 binarizes the two weight
+    matrices and sends the biases (like BatchNorm's vectors) as float16 updates."""
+    config = own_config(
+        make_custom(tmp_path / "data"), **{"local-epochs": 1, "bn-payload": bn_payload}
+    )
     method = get_method("fedbat")(config)
     data = load_partition(data_config(config, 2), 0)
     model = build_model_for(config)
@@ -77,7 +82,12 @@ def test_fedbat_binarizes_every_parameter_of_the_mlp(tmp_path: Path):
     task = client_task(method, data, state_arrays(model), partition_id=0, server_round=1)
     update = method.train(task)
     decoded = decode_payload(method.payload_kind, update.payload, task.spec, AlphaBounds())
-    assert decoded is not None and len(update.payload["alphas"]) == 4
+    assert decoded is not None and len(update.payload["alphas"]) == signed
+    biases = sum(t.size for t in task.spec if t.name.endswith("bias"))
+    if bn_payload == "float16":
+        assert update.payload["dense"].size == biases
+    else:
+        assert "dense" not in update.payload
     assert update.num_examples == len(data)
 
 

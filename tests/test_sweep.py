@@ -445,20 +445,62 @@ def test_a_run_from_before_a_key_counts_as_that_keys_old_behaviour() -> None:
     assert config_changes(cell_binary, summary) == []  # type: ignore[arg-type]
 
 
-def test_a_key_a_method_does_not_read_never_makes_its_run_stale() -> None:
-    """bn-payload only changes the 1-bit methods' runs: a FedAvg run recorded (or implied) with
-    binary BatchNorm is still done for a float16 cell, a FedBAT or EF-SignSGD one is stale."""
+def test_another_methods_option_never_makes_a_run_stale() -> None:
+    """bn-payload only changes the 1-bit methods' runs, fedpm-theta only FedPM's: a FedAvg run
+    recorded (or implied) with binary BatchNorm is still done for a float16 cell."""
     from fedbat_tools.sweep import config_changes
 
-    for method, stale in [
-        ("fedavg", False),
-        ("fedpaq", False),
-        ("fedbat", True),
-        ("ef-signsgd", True),
-    ]:
+    cases = [("fedavg", False), ("fedpaq", False), ("fedbat", True), ("ef-signsgd", True)]
+    for method, stale in cases:
         cell = SimpleNamespace(run_config={"method": method, "bn-payload": "float16"})
         for summary in (
             {"config": {"method": method}},
             {"config": {"method": method, "bn-payload": "binary"}},
         ):
             assert bool(config_changes(cell, summary)) == stale, (method, summary)  # type: ignore[arg-type]
+    for method, stale in [("fedavg", False), ("fedpm", True)]:
+        cell = SimpleNamespace(run_config={"method": method, "fedpm-theta": "mode"})
+        assert bool(config_changes(cell, {"config": {"method": method}})) == stale  # type: ignore[arg-type]
+
+
+def test_each_method_checks_exactly_the_options_it_declares() -> None:
+    """`Method.options` is what the sweep trusts: a bad value of a declared option is refused
+    by the method, a bad value of another method's option is not even read."""
+    from fedbat_flwr.config import ConfigError, RunConfig
+    from fedbat_flwr.methods import get_method, method_names
+
+    bad = {"sign-aggregation": "nope", "fedbif-selector": "nope", "fedpm-theta": "nope"}
+    every = {k for n in method_names() for k in get_method(n).options} - {"bn-payload"}
+    for name in method_names():
+        cls = get_method(name)
+        for key in sorted(every):
+            value = bad.get(key, -1)
+            if key == "fedpm-entropy-coding":
+                value = "nope"  # a bool option: a string is refused
+            config = RunConfig(method=name, extra={key: value})
+            if key in cls.options:
+                with pytest.raises(ConfigError, match=key):
+                    cls(config)
+            else:
+                cls(config)  # not read: no error
+
+
+def test_method_base_sets_keys_for_one_methods_cells(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: t\nbase: {num-clients: 2}\nmethod-base: {ef-signsgd: {bn-payload: binary}}\n"
+        "grid: {method: [fedbat, ef-signsgd]}\n"
+    )
+    cells = {c.run_config["method"]: c for c in expand(load_suite(path))}
+    assert cells["ef-signsgd"].run_config["bn-payload"] == "binary"
+    assert cells["fedbat"].run_config["bn-payload"] == "float16"
+    assert cells["ef-signsgd"].run_name == "ef_signsgd-iid-n2-s42"
+    path.write_text(
+        "name: t\nbase: {num-clients: 2}\nmethod-base: {topk: {bn-payload: binary}}\n"
+        "grid: {method: [fedbat]}\n"
+    )
+    with pytest.raises(SuiteError, match=r"'method-base' names method.*topk"):
+        load_suite(path)
+    path.write_text("name: t\nbase: {num-clients: 2}\nmethod-base: {fedbat: {bn-payload: 8}}\n")
+    with pytest.raises(SuiteError, match="bn-payload"):
+        load_suite(path)

@@ -65,6 +65,10 @@ class Method(ABC):
     # True for methods whose server sends a downlink of its own (FedBiF, FedPM): `downlink-bits`
     # quantizes the dense model broadcast, which they do not send.
     own_downlink: ClassVar[bool] = False
+    # The run-config keys only some methods read that this one does (its options and, for the
+    # 1-bit methods, `bn-payload`): a change of another method's option leaves this method's
+    # runs as they are (fedbat-sweep).
+    options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: RunConfig) -> None:
         if self.own_downlink and config.downlink_bits != 32:

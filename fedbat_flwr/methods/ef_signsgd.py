@@ -24,6 +24,7 @@ class EFSignSGD(Method):
 
     name = "ef-signsgd"
     payload_kind = "signs-unbounded"  # alpha = ||p||_1 / d has no a-priori bound
+    options = ("bn-payload",)
 
     def train(self, task: LocalTask) -> ClientUpdate:
         loss = train_plain(task)

@@ -13,6 +13,7 @@ class FedBAT(Method):
 
     name = "fedbat"
     payload_kind = "signs"
+    options = ("bn-payload",)
 
     def train(self, task: LocalTask) -> ClientUpdate:
         cfg = self.config

@@ -130,6 +130,7 @@ class FedBiF(Method):
 
     name = "fedbif"
     payload_kind = "fedbif-bits"
+    options = ("fedbif-bits", "fedbif-active-bits", "fedbif-selector")
     own_downlink = True
 
     def __init__(self, config: RunConfig) -> None:

@@ -23,6 +23,7 @@ class FedPAQ(Method):
 
     name = "fedpaq"
     payload_kind = "kbit"
+    options = ("quant-bits",)
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)

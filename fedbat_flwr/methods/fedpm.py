@@ -136,6 +136,7 @@ class FedPM(Method):
 
     name = "fedpm"
     payload_kind = "fedpm-mask"
+    options = ("fedpm-lr", "fedpm-reg", "fedpm-entropy-coding", "fedpm-prior-reset", "fedpm-theta")
     own_downlink = True
 
     def __init__(self, config: RunConfig) -> None:

@@ -25,6 +25,7 @@ class NoisySignSGD(Method):
 
     name = "noisy-signsgd"
     payload_kind = "signs"  # the parameter alpha is exactly noisy-alpha (step_bounds)
+    options = ("bn-payload", "noisy-alpha", "noisy-sigma")
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)

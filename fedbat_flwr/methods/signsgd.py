@@ -29,10 +29,12 @@ class SignSGD(Method):
 
     name = "signsgd"
     payload_kind = "signs"  # the parameter alpha is exactly signsgd-alpha (step_bounds)
+    options = ("bn-payload", "signsgd-alpha", "sign-aggregation")
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
         self.alpha = signsgd_alpha(config)
+        self.aggregator(config)  # `sign-aggregation` checked wherever the method is built
 
     @classmethod
     def step_bounds(cls, config: RunConfig) -> AlphaBounds:

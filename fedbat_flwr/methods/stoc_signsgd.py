@@ -26,6 +26,7 @@ class StocSignSGD(Method):
 
     name = "stoc-signsgd"
     payload_kind = "signs"  # the parameter alpha is exactly stoc-alpha (step_bounds)
+    options = ("bn-payload", "stoc-alpha")
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)

@@ -22,6 +22,7 @@ class TopK(Method):
 
     name = "topk"
     payload_kind = "sparse"
+    options = ("topk-density",)
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)

@@ -44,6 +44,7 @@ class ZeroFL(Method):
 
     name = "zerofl"
     payload_kind = "sparse"
+    options = ("zerofl-sparsity", "zerofl-density")
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
