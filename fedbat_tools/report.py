@@ -46,6 +46,9 @@ CSV_COLUMNS = (
     "uplink_bits_per_param",
     "paper_accuracy_mean",
     "paper_accuracy_std",
+    # Added later, so after the older columns: readers that index by position keep working.
+    "downlink_bits_per_param",
+    "final_model_sparsity",  # fraction of zeros of the final evaluated model (FedPM, FedBiF)
 )
 
 
@@ -97,6 +100,8 @@ class GroupStats:
     uplink_mb: float
     downlink_mb: float
     uplink_bits_per_param: float
+    downlink_bits_per_param: float = float("nan")
+    final_model_sparsity: float = float("nan")  # nan for methods that do not report it
 
 
 def load_run(run_dir: Path, key: GroupKey, seed: int) -> RunResult:
@@ -129,6 +134,8 @@ def _group_stats(key: GroupKey, runs: list[RunResult]) -> GroupStats:
         uplink_mb=_mean([_total(r, "uplink_bytes") / MB for r in runs]),
         downlink_mb=_mean([_total(r, "downlink_bytes") / MB for r in runs]),
         uplink_bits_per_param=_mean([_mean_bits(r) for r in runs]),
+        downlink_bits_per_param=_mean([_mean_bits(r, "downlink") for r in runs]),
+        final_model_sparsity=_mean([_last(r, "model_sparsity") for r in runs]),
     )
 
 
@@ -145,8 +152,14 @@ def _total(run: RunResult, key: str) -> float:
     return float(value) if value is not None else float(sum(r[key] for r in run.rows))
 
 
-def _mean_bits(run: RunResult) -> float:
-    return _mean([r.get("uplink_bits_per_param") for r in run.rows])
+def _mean_bits(run: RunResult, link: str = "uplink") -> float:
+    return _mean([r.get(f"{link}_bits_per_param") for r in run.rows])
+
+
+def _last(run: RunResult, key: str) -> float | None:
+    """``key`` of the last evaluated round that has it (None if no round has it)."""
+    values = [r[key] for r in run.evaluated if r.get(key) is not None]
+    return values[-1] if values else None
 
 
 def _float(value: Any) -> float:
@@ -231,6 +244,8 @@ def write_csv(
                     "uplink_bits_per_param": _fmt(s.uplink_bits_per_param, 4),
                     "paper_accuracy_mean": "" if ref is None else _fmt(ref[0] / 100, 4),
                     "paper_accuracy_std": "" if ref is None else _fmt(ref[1] / 100, 4),
+                    "downlink_bits_per_param": _fmt(s.downlink_bits_per_param, 4),
+                    "final_model_sparsity": _fmt(s.final_model_sparsity, 6),
                 }
             )
     return path
@@ -316,7 +331,9 @@ def _final_table(table: _Cells, paper: Paper) -> list[str]:
 
 def _traffic_table(table: _Cells) -> list[str]:
     """Traffic per run, averaged over every run of the method (it hardly depends on the column)."""
-    header = ["method", "uplink MB / run", "uplink bit/param", "downlink MB / run", "rounds"]
+    sparse = any(np.isfinite(s.final_model_sparsity) for s in table.stats)
+    header = ["method", "uplink MB / run", "uplink bit/param", "downlink MB / run"]
+    header += ["downlink bit/param", "rounds"] + (["final mask density"] if sparse else [])
     lines = ["## Communication (MB = 10^6 bytes)", "", *_md_header(header)]
     for row in table.rows:
         members = [s for s in table.stats if s.key.row == row]
@@ -325,8 +342,12 @@ def _traffic_table(table: _Cells) -> list[str]:
             f"{_mean(s.uplink_mb for s in members):.1f}",
             f"{_mean(s.uplink_bits_per_param for s in members):.3f}",
             f"{_mean(s.downlink_mb for s in members):.1f}",
+            f"{_mean(s.downlink_bits_per_param for s in members):.3f}",
             str(min(s.rounds for s in members)),
         ]
+        if sparse:
+            density = 1 - _mean(s.final_model_sparsity for s in members)
+            cells.append("–" if not np.isfinite(density) else f"{density:.3f}")
         lines.append(_md_row(cells))
     return [*lines, ""]
 

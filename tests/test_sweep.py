@@ -193,6 +193,7 @@ def fake_run(
     uplink: int = 1000,
     config: dict | None = None,
     finish: bool = True,
+    row_extra: dict | None = None,
 ) -> None:
     """A run dir written through the results contract, as the ServerApp writes it."""
     recorder = RunRecorder(run_dir, method, config or {}, num_params=10, num_rounds=len(accuracies))
@@ -203,7 +204,7 @@ def fake_run(
             "downlink_bits_per_param": 32.0, "num_replies": 2, "num_rejected": 0,
             "round_seconds": 0.1,
         }  # fmt: skip
-        recorder.add_round(row)
+        recorder.add_round(row | (row_extra or {}))
     if finish:
         recorder.finish({"w": np.zeros(3, np.float32)})
 
@@ -326,7 +327,8 @@ def test_report_files(tmp_path: Path) -> None:
     )
     assert "| FedBAT | 82.0 ± 5.0 | – | 82.0 ± 5.0 | 89.0 ± 0.4 |" in md
     assert "| ZeroFL (paper only) | – | 80.0 ± 0.1 | – | – |" in md
-    assert "| fedavg | 224.0 | 1.000 | 448.0 | 7 |" in md
+    assert "| fedavg | 224.0 | 1.000 | 448.0 | 32.000 | 7 |" in md
+    assert "mask density" not in md  # no run reports model_sparsity
     rows = read_csv(tmp_path / "table.csv")
     assert set(REQUIRED_CSV) <= set(rows[0])
     assert len(rows) == 4
@@ -335,6 +337,22 @@ def test_report_files(tmp_path: Path) -> None:
     assert float(shard["paper_accuracy_mean"]) == pytest.approx(0.89)
     for name in ("accuracy_vs_round.png", "accuracy_vs_uplink.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mask_density_and_downlink_bits_reach_the_tables(tmp_path: Path) -> None:
+    """FedPM's rows carry model_sparsity: the tables give 1 - its final value, mean over seeds."""
+    runs = []
+    for seed, sparsity in ((0, 0.7), (1, 0.9)):
+        run_dir = tmp_path / "runs" / f"fedpm-s{seed}"
+        fake_run(run_dir, [0.3, 0.4], method="fedpm", row_extra={"model_sparsity": sparsity})
+        runs.append(report.load_run(run_dir, report.GroupKey("fedpm", "shard", 10), seed))
+    report.write_report(runs, tmp_path, title="t", labels={}, paper={})
+    assert (
+        "| fedpm | 0.0 | 1.000 | 0.0 | 32.000 | 2 | 0.200 |" in (tmp_path / "table.md").read_text()
+    )
+    (row,) = read_csv(tmp_path / "table.csv")
+    assert float(row["final_model_sparsity"]) == pytest.approx(0.8)
+    assert float(row["downlink_bits_per_param"]) == pytest.approx(32.0)
 
 
 def test_report_only_uses_finished_cells_of_the_suite(tmp_path: Path) -> None:
