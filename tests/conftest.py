@@ -4,6 +4,13 @@ One simulation SuperLink serves every e2e test that only submits runs to it: eac
 own run id and output folder, so runs do not see each other, and starting a SuperLink per test
 module cost seconds each time. Tests that must stop or crash a SuperLink (resume, Ctrl-C, the
 sweep's own) still start their own.
+
+The README's command runs the tests on two pytest-xdist workers (`-n 2`; pyproject.toml adds
+`--dist load --maxschedchunk 1`: tests go to the workers one at a time, as they finish). Each
+worker is a process with session and module fixtures of its own (its own SuperLink, temporary
+folders and child processes), so tests that must share a fixture's processes are one test. The
+e2e tests are collected first: each is a Flower run that mostly waits (start-up, polling), so
+one worker's runs overlap the other's runs and CPU-bound unit tests, and no long run starts last.
 """
 
 from __future__ import annotations
@@ -13,6 +20,11 @@ from collections.abc import Iterator
 import pytest
 
 from fedbat_tools.localrun import LocalSuperLink, descendants, is_alive
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The e2e tests first, each group in its collected order."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 
 @pytest.fixture(scope="session")

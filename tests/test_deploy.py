@@ -1,6 +1,6 @@
 """Flower's Deployment Engine: a real SuperLink and real SuperNodes on loopback, and docker/.
 
-The e2e tests share one deployment with TLS and SuperNode authentication (private Flower home,
+The e2e test runs one deployment with TLS and SuperNode authentication (private Flower home,
 free ports): an unregistered node is refused, then FedBAT runs three rounds while a node is
 killed; the results contract holds and every process started is gone afterwards. A plain-HTTP
 deployment differs only in flags (`--insecure`), checked statically below like compose.yaml's.
@@ -45,7 +45,7 @@ SHORT_RUN = {
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
-    """One deployment for the e2e tests below: TLS, SuperNode authentication, three nodes.
+    """One deployment for the e2e test below: TLS, SuperNode authentication, three nodes.
 
     Starting a SuperLink and SuperNodes, and each run's ServerApp and ClientApps, is most of
     what a short run costs, so the TLS checks and the killed-node run share it. Afterwards no
@@ -81,9 +81,17 @@ def trained_rounds(log: Path) -> int:
 
 
 @pytest.mark.e2e
-def test_tls_and_node_authentication_refuse_an_unregistered_node(
-    deployment: LocalDeployment,
+def test_tls_deployment_refuses_an_unregistered_node_and_survives_a_killed_one(
+    deployment: LocalDeployment, tmp_path: Path
 ) -> None:
+    """Both checks in one test, so that they share one deployment wherever the test runs
+    (the README's command spreads the tests over two pytest-xdist workers, each with module
+    fixtures of its own)."""
+    tls_and_node_authentication_refuse_an_unregistered_node(deployment)
+    fedbat_trains_on_real_supernodes_and_survives_a_killed_one(deployment, tmp_path)
+
+
+def tls_and_node_authentication_refuse_an_unregistered_node(deployment: LocalDeployment) -> None:
     with pytest.raises(httpx.HTTPError):  # no plain HTTP on the SuperLink's port
         httpx.get(f"http://{deployment.address}/health", timeout=5)
 
@@ -96,8 +104,7 @@ def test_tls_and_node_authentication_refuse_an_unregistered_node(
     assert deployment.online_nodes() == NUM_NODES, "the registered nodes are in"
 
 
-@pytest.mark.e2e
-def test_fedbat_trains_on_real_supernodes_and_survives_a_killed_one(
+def fedbat_trains_on_real_supernodes_and_survives_a_killed_one(
     deployment: LocalDeployment, tmp_path: Path
 ) -> None:
     """Three rounds over TLS on authenticated SuperNodes; one is SIGKILLed as round 2 starts."""

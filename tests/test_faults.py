@@ -8,6 +8,8 @@ ClientApp's test hook (`client_app.inject_fault`) making partition 1 fail:
   at the timeout (`strategy.start(timeout=...)`) and aggregates the three replies it has.
 
 Either way the round's results row says `num_replies` 3, `num_rejected` 1, model updated.
+The "raise" run's healthy ClientApps run FedPAQ, so it is also the end-to-end run of FedPAQ's
+payload kind (tests/test_methods_e2e.py): its three 4-bit replies are accepted every round.
 """
 
 from __future__ import annotations
@@ -57,11 +59,13 @@ def _run(link: LocalSuperLink, out: Path, name: str, **overrides: Any) -> list[d
 
 
 def test_a_clientapp_that_raises_is_a_failed_reply(superlink: LocalSuperLink, tmp_path: Path):
-    rows = _run(superlink, tmp_path, "fault-raise", **{"fault-kind": "raise"})
+    rows = _run(superlink, tmp_path, "fault-raise", **{"fault-kind": "raise", "method": "fedpaq"})
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
         assert (row["num_replies"], row["num_rejected"]) == (3, 1), row
-        assert row["model_updated"] is True
+        assert row["model_updated"] is True and row["method"] == "fedpaq"
+        assert 4.0 < row["uplink_bits_per_param"] <= 4.1  # 4-bit entries + scales, framing
+        assert 31.9 < row["downlink_bits_per_param"] < 33  # dense float32 global model
 
 
 def test_a_clientapp_that_hangs_misses_the_round_timeout(superlink: LocalSuperLink, tmp_path):

@@ -3,7 +3,7 @@
 A one-round run takes about 17 s, nearly all of it start-up (AMD EPYC, 2 cores, idle,
 2026-12-01), so a method gets a run of its own only where its path through Flower differs from
 every other run's: its payload kind (how the server decodes, validates and aggregates the
-reply) or a server part of its own. Five such runs are here, three in other modules
+reply) or a server part of its own. Four such runs are here, four in other modules
 (`ELSEWHERE`); the other methods share a run's path (`COVERED_BY`) and their client code is
 unit-tested through the same packing (tests/test_methods.py). A fast test keeps this table
 complete when a method is added.
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import tests.test_app_e2e as app_e2e
+import tests.test_faults as faults
 import tests.test_server_rules_e2e as server_rules_e2e
 from fedbat_flwr.methods import get_method, method_names
 from fedbat_tools.localrun import LocalSuperLink, app_config_defaults
@@ -27,14 +28,15 @@ from fedbat_tools.localrun import LocalSuperLink, app_config_defaults
 E2E_RUNS: dict[str, dict[str, object]] = {
     "fedavg": {"downlink-bits": 2},
     "ef-signsgd": {"downlink-bits": 4, "bn-payload": "float16"},
-    "fedpaq": {},
     "topk": {},
     "bifl": {},
 }
 # Runs of their own in other modules: FedBAT's default configuration is the results-contract
-# run; FedBiF and FedPM have a downlink and aggregation of their own (two rounds each).
+# run; FedBiF and FedPM have a downlink and aggregation of their own (two rounds each); FedPAQ's
+# healthy ClientApps answer beside the one that raises.
 ELSEWHERE = {
     "fedbat": app_e2e.test_fedbat_simulation_writes_results_contract,
+    "fedpaq": faults.test_a_clientapp_that_raises_is_a_failed_reply,
     "fedbif": server_rules_e2e.test_fedbif_sends_4_bits_down_and_1_bit_up,
     "fedpm": server_rules_e2e.test_fedpm_range_codes_masks_and_saves_a_masked_random_network,
 }

@@ -422,9 +422,20 @@ def assert_superlink_gone(output: str) -> None:
 
 @pytest.mark.e2e
 def test_smoke_sweep_end_to_end_and_resume(tmp_path: Path) -> None:
+    """conf/smoke.yaml through the real command, with one cell left interrupted by an earlier
+    call (a round written, no summary.json, FAILED): that cell restarts from a clean run dir
+    beside the pending one; a second call finds both done and starts no SuperLink."""
     out = tmp_path / "smoke"
+    interrupted = out / "runs" / "fedbat-iid-n3-s0"
+    fake_run(interrupted, [0.5], finish=False)
+    (interrupted / "FAILED").write_text("interrupted (SIGINT)\n")
     output = run_cli("conf/smoke.yaml", "--output", str(out))
+    assert "2 cells (1 pending, 1 interrupted); 4 rounds to run" in output
     assert_superlink_gone(output)
+    assert re.findall(r"cell \d/2 (\S+) started", output) == [
+        "fedavg-iid-n3-s0",
+        "fedbat-iid-n3-s0",
+    ]
     assert re.search(r"cell 2/2 \S+ round 2/2 acc \d\.\d{4} ETA \d\d:\d\d", output)
     for name in ("table.md", "table.csv", "accuracy_vs_round.png", "accuracy_vs_uplink.png"):
         assert (out / name).stat().st_size > 0, name
@@ -434,21 +445,16 @@ def test_smoke_sweep_end_to_end_and_resume(tmp_path: Path) -> None:
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert runs == ["fedavg-iid-n3-s0", "fedbat-iid-n3-s0"]
     assert "[fedbat-flwr] round   2/2" in (out / "runs" / runs[0] / "log.txt").read_text()
+    restarted = [json.loads(line) for line in (interrupted / "metrics.jsonl").open()]
+    assert [r["round"] for r in restarted] == [1, 2], "the old round 1 is gone, not appended to"
+    assert not (interrupted / "FAILED").exists()
 
+    mtimes = {r: (out / "runs" / r / "summary.json").stat().st_mtime_ns for r in runs}
     again = run_cli("conf/smoke.yaml", "--output", str(out))
     assert "2 cells (2 done); 0 rounds to run" in again
     assert again.count("skipped (complete)") == 2
     assert "SuperLink pid" not in again  # nothing to run: no SuperLink at all
-
-    mtimes = {r: (out / "runs" / r / "summary.json").stat().st_mtime_ns for r in runs}
-    (out / "runs" / "fedbat-iid-n3-s0" / "summary.json").unlink()
-    third = run_cli("conf/smoke.yaml", "--output", str(out))
-    assert "(1 done, 1 interrupted)" in third
-    assert re.findall(r"cell \d/2 (\S+) started", third) == ["fedbat-iid-n3-s0"]
-    assert_superlink_gone(third)
-    for run in runs:
-        changed = (out / "runs" / run / "summary.json").stat().st_mtime_ns != mtimes[run]
-        assert changed == (run == "fedbat-iid-n3-s0"), run
+    assert {r: (out / "runs" / r / "summary.json").stat().st_mtime_ns for r in runs} == mtimes
 
 
 def test_a_run_from_before_a_key_counts_as_that_keys_old_behaviour() -> None:
