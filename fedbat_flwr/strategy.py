@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 from typing import Any
@@ -86,7 +86,7 @@ class ValidatingStrategy(FedAvg):
         part: ServerPart,
         aggregator: Aggregator,
         payload_kind: str,
-        bounds: AlphaBounds,
+        decode: Callable[[ArrayRecord], Decoded],
         max_num_examples: int,
         num_examples_policy: str = "cap",
         round_offset: int = 0,
@@ -101,7 +101,8 @@ class ValidatingStrategy(FedAvg):
         super().__init__(**flower_kwargs)
         self.part, self.aggregator = part, aggregator
         self.spec: ModelSpec = part.spec
-        self.payload_kind, self.bounds = payload_kind, bounds
+        # `decode` validates and decodes one reply's record as `payload_kind` (PayloadError).
+        self.payload_kind, self.decode = payload_kind, decode
         self.max_num_examples, self.num_examples_policy = max_num_examples, num_examples_policy
         self.round_offset = round_offset
         self.rounds: MutableMapping[int, RoundStats] = {} if rounds is None else rounds
@@ -199,7 +200,7 @@ class ValidatingStrategy(FedAvg):
             record = msg.content.array_records.get(ARRAYS_KEY)
             if record is None:
                 raise PayloadError(None, ARRAYS_KEY, "reply carries no ArrayRecord 'arrays'")
-            decoded = self._decode(record)
+            decoded = self.decode(record)
             self.part.check(decoded, server_round)
             nbytes = wire_bytes(record)
         except PayloadError as exc:
@@ -207,10 +208,6 @@ class ValidatingStrategy(FedAvg):
         # Dense payloads keep their validated weights too: Flower averages those, never the
         # reply's own record (which may hold raw Arrays Flower cannot read).
         return Accepted(msg, int(metrics[NUM_EXAMPLES_KEY]), nbytes, decoded, metrics)
-
-    def _decode(self, record: ArrayRecord) -> Decoded:
-        """Validate and decode one reply's ArrayRecord (raises PayloadError)."""
-        return decode_payload(self.payload_kind, record_to_payload(record), self.spec, self.bounds)
 
     def _checked_metrics(self, msg: Message) -> dict[str, int | float]:
         """Finite scalar metrics and a positive integer `num-examples`, capped (or rejected).
@@ -318,6 +315,7 @@ def build_strategy(
     part = part or ServerPart(spec)
 
     def decode(record: ArrayRecord) -> Decoded:
+        """One reply's record validated and decoded as `payload_kind` (raises PayloadError)."""
         return decode_payload(payload_kind, record_to_payload(record), spec, bounds)
 
     configured = make_aggregator(
@@ -332,7 +330,7 @@ def build_strategy(
         part=part,
         aggregator=part.aggregator(configured),
         payload_kind=payload_kind,
-        bounds=bounds,
+        decode=decode,
         max_num_examples=max_num_examples,
         num_examples_policy=num_examples_policy,
         round_offset=round_offset,

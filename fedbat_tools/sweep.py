@@ -316,7 +316,8 @@ def expand(suite: Suite) -> list[Cell]:
 
 
 def _cell(suite: Suite, index: int, params: dict[str, Any], varying: Sequence[str]) -> Cell:
-    method = params.get("method", suite.base.get("method", app_config_defaults()["method"]))
+    defaults = app_config_defaults()
+    method = {**defaults, **suite.base, **params}["method"]
     run_config = {**suite.base, **suite.method_base.get(method, {}), **params}
     num_clients = int(run_config.pop(NUM_CLIENTS))
     if suite.clients_per_round is not None:
@@ -324,7 +325,7 @@ def _cell(suite: Suite, index: int, params: dict[str, Any], varying: Sequence[st
         run_config["fraction-train"] = suite.clients_per_round / num_clients
         run_config["min-train-nodes"] = suite.clients_per_round
     try:
-        resolved = RunConfig.from_flower({**app_config_defaults(), **run_config}).to_flower()
+        resolved = RunConfig.from_flower({**defaults, **run_config}).to_flower()
     except ConfigError as exc:
         raise SuiteError(f"cell {params}: {exc}") from None
     extras = tuple(

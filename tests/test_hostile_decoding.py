@@ -192,14 +192,14 @@ def test_any_exception_while_handling_one_reply_rejects_only_that_reply(
     """A decoder bug (here: one that raises RuntimeError on a marked reply) is a counted,
     logged rejection of that reply, not the end of the round."""
     strategy = make_strategy("signs")
-    real = strategy._decode
+    real = strategy.decode
 
     def buggy(record: ArrayRecord):
         if "boom" in record:
             raise RuntimeError("decoder bug")
         return real(record)
 
-    monkeypatch.setattr(strategy, "_decode", buggy)
+    monkeypatch.setattr(strategy, "decode", buggy)
     hostile = to_record("signs", valid_payload("signs", np.random.default_rng(2)))
     hostile["boom"] = Array(np.zeros(1, np.uint8))
     arrays, _ = strategy.aggregate_train(1, [*_honest(), reply(99, hostile, 50)])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, replace
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -72,27 +72,16 @@ def decode_payload(
 
 @dataclass(frozen=True)
 class SignsDecoded:
-    """1-bit payload: alpha * (±1) per tensor (alphas checked against the kind's bounds)."""
+    """1-bit payload: sign bits + alpha per binarized tensor (alphas checked against the kind's
+    bounds); with ``bn-payload`` float16 / float32 the other tensors as float updates. Votes
+    read ``view``; ``add`` is the view's accumulator."""
 
-    view: SignsPayload
+    view: SignsPayload | MixedPayload
+    add: Callable[[MutableMapping[str, np.ndarray], Any, float], None]
     absolute: ClassVar[bool] = False
 
     def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
-        accumulate_sign_view(acc, self.view, weight)
-
-    def delta(self) -> dict[str, np.ndarray]:
-        return dense_by_accumulating(self.view.spec, self.accumulate)
-
-
-@dataclass(frozen=True)
-class MixedDecoded:
-    """1-bit conv / linear updates, float BatchNorm updates (``bn-payload`` float16 / float32)."""
-
-    view: MixedPayload
-    absolute: ClassVar[bool] = False
-
-    def accumulate(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
-        accumulate_mixed(acc, self.view, weight)
+        self.add(acc, self.view, weight)
 
     def delta(self) -> dict[str, np.ndarray]:
         return dense_by_accumulating(self.view.spec, self.accumulate)
@@ -100,11 +89,11 @@ class MixedDecoded:
 
 def _decode_signs(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
-) -> SignsDecoded | MixedDecoded:
+) -> SignsDecoded:
     """All tensors 1-bit, or (``bn-payload`` float16 / float32) BatchNorm as floats."""
     if is_mixed(payload):
-        return MixedDecoded(validate_mixed(payload, spec, bounds))
-    return SignsDecoded(validate_signs(payload, spec, bounds))
+        return SignsDecoded(validate_mixed(payload, spec, bounds), accumulate_mixed)
+    return SignsDecoded(validate_signs(payload, spec, bounds), accumulate_sign_view)
 
 
 @dataclass(frozen=True)
@@ -187,7 +176,7 @@ def _decode_sparse(
 
 def _decode_signs_unbounded(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
-) -> SignsDecoded | MixedDecoded:
+) -> SignsDecoded:
     """Signs whose parameter alpha the client's data decides (EF-SignSGD: ||p||_1 / d).
 
     The run's [alpha-min, alpha-max] bounds FedBAT's learned alpha only; here a parameter alpha
