@@ -163,10 +163,10 @@ def _text(key: str, value: Any) -> str:
     return value
 
 
-def _base(base: Any, schema: Mapping[str, Any]) -> dict[str, Any]:
+def _base(base: Any, schema: Mapping[str, Any], where: str = "base") -> dict[str, Any]:
     if not isinstance(base, dict):
-        raise SuiteError(f"suite 'base' must be a mapping of run-config keys, got {base!r}")
-    return {key: _value("base", key, value, schema) for key, value in base.items()}
+        raise SuiteError(f"suite '{where}' must be a mapping of run-config keys, got {base!r}")
+    return {key: _value(where, key, value, schema) for key, value in base.items()}
 
 
 def _method_base(value: Any, schema: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -174,7 +174,9 @@ def _method_base(value: Any, schema: Mapping[str, Any]) -> dict[str, dict[str, A
         raise SuiteError(
             f"suite 'method-base' must map method names to run-config keys, got {value!r}"
         )
-    return {str(method): _base(keys, schema) for method, keys in value.items()}
+    return {
+        str(method): _base(keys, schema, f"method-base.{method}") for method, keys in value.items()
+    }
 
 
 def _grid(grid: Any, schema: Mapping[str, Any]) -> dict[str, list[Any]]:

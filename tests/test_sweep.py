@@ -526,5 +526,5 @@ def test_method_base_sets_keys_for_one_methods_cells(tmp_path: Path) -> None:
     with pytest.raises(SuiteError, match=r"'method-base' names method.*topk"):
         load_suite(path)
     path.write_text("name: t\nbase: {num-clients: 2}\nmethod-base: {fedbat: {bn-payload: 8}}\n")
-    with pytest.raises(SuiteError, match="bn-payload"):
+    with pytest.raises(SuiteError, match=r"method-base\.fedbat: run-config .bn-payload."):
         load_suite(path)
