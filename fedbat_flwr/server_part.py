@@ -26,10 +26,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flwr.app import ArrayRecord
 
-from .aggregators import Aggregator
+from .aggregators import Aggregator, OwnAggregator
 from .broadcast import Broadcast
 from .config import ConfigError, RunConfig
-from .records import arrays_to_record
+from .records import arrays_to_record, payload_to_record
 from .wire import Decoded, ModelSpec, PayloadError, is_binarized
 
 Arrays = dict[str, np.ndarray]
@@ -80,6 +80,34 @@ class ServerPart:
         """Restore `state()` from a checkpoint."""
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state; got {sorted(state)}")
+
+
+class OwnServerPart(ServerPart):
+    """A server part with its own downlink payload and its own aggregation (FedBiF, FedPM):
+    subclasses implement `payload` and `aggregate`."""
+
+    def downlink(self, global_arrays: Mapping[str, np.ndarray], server_round: int) -> ArrayRecord:
+        """`payload`, packed raw: its wire bytes are the counted downlink."""
+        return payload_to_record(self.payload(global_arrays, server_round))
+
+    def aggregator(self, configured: Aggregator) -> Aggregator:
+        """`aggregate` instead of the run's aggregator (such methods require `fedavg`)."""
+        return OwnAggregator(self.aggregate)
+
+    def payload(
+        self, global_arrays: Mapping[str, np.ndarray], server_round: int
+    ) -> dict[str, np.ndarray]:
+        """The wire payload every sampled client receives this round."""
+        raise NotImplementedError
+
+    def aggregate(
+        self,
+        global_arrays: Mapping[str, np.ndarray],
+        accepted: Sequence[tuple[int, Decoded]],
+        server_round: int,
+    ) -> Arrays:
+        """The new global arrays from the accepted replies (num_examples, decoded payload)."""
+        raise NotImplementedError
 
 
 class BinaryNetworkPart(ServerPart):

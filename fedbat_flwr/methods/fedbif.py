@@ -35,13 +35,10 @@ from collections.abc import Mapping, MutableMapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
 from torch import nn
 
-from ..aggregators import Aggregator, OwnAggregator
 from ..config import RunConfig
-from ..records import payload_to_record
-from ..server_part import ServerPart, expect, require_fedavg, weights_of
+from ..server_part import OwnServerPart, ServerPart, expect, require_fedavg, weights_of
 from ..training import run_sgd
 from ..training.loop import keep_strides  # channels_last
 from ..wire import Decoded, ModelSpec, PayloadError
@@ -239,7 +236,7 @@ def fedbif_options(config: RunConfig) -> tuple[int, int, str]:
 # --- server -------------------------------------------------------------------------------
 
 
-class FedBiFPart(ServerPart):
+class FedBiFPart(OwnServerPart):
     """Quantized downlink (Eq. 5) and bit aggregation (Eq. 6); the global arrays are weights."""
 
     def __init__(self, spec: ModelSpec, bits: int, count: int, selector: str, *, seed: int) -> None:
@@ -248,13 +245,6 @@ class FedBiFPart(ServerPart):
 
     def active(self, server_round: int) -> tuple[int, ...]:
         return active_bits(self.selector, self.bits, self.count, self.seed, server_round)
-
-    def downlink(self, global_arrays: Mapping[str, np.ndarray], server_round: int) -> ArrayRecord:
-        return payload_to_record(self.payload(global_arrays, server_round))
-
-    def aggregator(self, configured: Aggregator) -> Aggregator:
-        """Eq. 6 instead of the run's aggregator (the method requires `fedavg`)."""
-        return OwnAggregator(self.aggregate)
 
     def payload(
         self, global_arrays: Mapping[str, np.ndarray], server_round: int

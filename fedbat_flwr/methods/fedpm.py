@@ -45,13 +45,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord
 from torch import nn
 
-from ..aggregators import Aggregator, OwnAggregator
 from ..config import ConfigError, RunConfig
-from ..records import payload_to_record
-from ..server_part import ServerPart, expect, require_fedavg, weights_of
+from ..server_part import OwnServerPart, ServerPart, expect, require_fedavg, weights_of
 from ..task import build_model_for, state_arrays
 from ..training import input_memory_format
 from ..training.loop import keep_strides  # channels_last
@@ -238,7 +235,7 @@ def posterior_theta(a: np.ndarray, b: np.ndarray, rule: str = "mode") -> np.ndar
 # --- server -------------------------------------------------------------------------------
 
 
-class FedPMPart(ServerPart):
+class FedPMPart(OwnServerPart):
     """Beta posteriors per masked entry; the global arrays hold theta (masked tensors: the
     posterior's mode or mean, `fedpm-theta`), the running statistics and the frozen tensors."""
 
@@ -267,13 +264,6 @@ class FedPMPart(ServerPart):
         out = {t.name: np.array(self.reference[t.name], np.float32) for t in self.spec}
         out.update({t.name: np.full(t.shape, 0.5, np.float32) for t in self.masked})
         return out
-
-    def downlink(self, global_arrays: Mapping[str, np.ndarray], server_round: int) -> ArrayRecord:
-        return payload_to_record(self.payload(global_arrays, server_round))
-
-    def aggregator(self, configured: Aggregator) -> Aggregator:
-        """The Beta posteriors instead of the run's aggregator (the method requires `fedavg`)."""
-        return OwnAggregator(self.aggregate)
 
     def payload(
         self, global_arrays: Mapping[str, np.ndarray], server_round: int
