@@ -7,8 +7,8 @@ aggregator, chosen by the run config's `aggregator` (`make_aggregator`):
 |------|------------|---------|
 | `fedavg` | `StreamedMean` (Eq. 11: w + sum_k p_k decoded_k) | any compressed kind, one at a time |
 | `fedavg` | Flower's `FedAvg` | dense weights (FedAvg, BiFL-full): Flower averages them |
-| `majority` | `MajorityVote` (`wire.votes.majority_vote`) | sign kinds only |
-| `sign-median` | `SignMedian` (`wire.votes.sign_median`) | sign kinds only |
+| `majority` | `SignVote` with `wire.votes.majority_vote` | sign kinds only |
+| `sign-median` | `SignVote` with `wire.votes.sign_median` | sign kinds only |
 | `fedadam`, `fedyogi` | Flower's FedAdam / FedYogi (`FedOptAggregator`) | "w + update_k" |
 | `fedmedian`, `fedtrimmedavg`, `krum` | Flower's strategy (`FlowerAggregator`) | "w + update_k" |
 
@@ -125,31 +125,22 @@ class StreamedMean(Aggregator):
         return arrays_to_record(self.spec.apply(master, acc)), replies.metrics
 
 
-class MajorityVote(Aggregator):
-    """w (+) median_k(alpha_kl) * sign(sum_k sign_k): one vote per client whatever its
-    `num-examples`; ties leave a coordinate unchanged (`wire.votes.majority_vote`)."""
+class SignVote(Aggregator):
+    """w (+) vote(sign replies): unweighted, one voice per client whatever its `num-examples`.
 
-    def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
-
-    def aggregate(self, master: Arrays, replies: Replies, server_round: int) -> Result:
-        delta = majority_vote(self.spec, replies.sign_views())
-        return arrays_to_record(self.spec.apply(master, delta)), replies.metrics
-
-
-class SignMedian(Aggregator):
-    """Coordinate-wise median of the decoded updates ``alpha_k * sign_k``, unweighted.
-
-    Robust to a minority of clients flipping their signs *and* inflating alpha or
-    `num-examples`. The same median as Flower's `fedmedian` on these replies, but straight from
-    the packed bits: memory ``K * max_l d_l`` float64 (`wire.votes.sign_median`).
+    `vote` is `wire.votes.majority_vote` (median_k(alpha_kl) * sign(sum_k sign_k); ties leave a
+    coordinate unchanged) or `wire.votes.sign_median` (coordinate-wise median of alpha_k *
+    sign_k, robust to a minority flipping signs *and* inflating alpha or `num-examples`; the
+    same median as Flower's `fedmedian` on these replies, straight from the packed bits).
+    Tensors every reply sends as floats (BatchNorm by default) take their coordinate-wise median.
     """
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, vote: Callable[[ModelSpec, Sequence[Any]], Arrays]) -> None:
         self.spec = spec
+        self.vote = vote
 
     def aggregate(self, master: Arrays, replies: Replies, server_round: int) -> Result:
-        delta = sign_median(self.spec, replies.sign_views())
+        delta = self.vote(self.spec, replies.sign_views())
         return arrays_to_record(self.spec.apply(master, delta)), replies.metrics
 
 
@@ -227,7 +218,11 @@ FLOWER_STRATEGIES: dict[str, type[FedAvg]] = {
     "krum": Krum,
 }
 # Aggregators that only exist for sign payloads (robust sign aggregation).
-SIGN_AGGREGATORS = ("majority", "sign-median")
+SIGN_VOTES: dict[str, Callable[[ModelSpec, Sequence[Any]], Arrays]] = {
+    "majority": majority_vote,
+    "sign-median": sign_median,
+}
+SIGN_AGGREGATORS = tuple(SIGN_VOTES)
 AGGREGATORS = ("fedavg", *FLOWER_STRATEGIES, *SIGN_AGGREGATORS)
 
 
@@ -246,10 +241,8 @@ def make_aggregator(
             f"run-config 'aggregator' = {name!r} needs a sign payload; method payload kind "
             f"{payload_kind!r} is not one of {SIGN_KINDS}"
         )
-    if name == "majority":
-        return MajorityVote(spec)
-    if name == "sign-median":
-        return SignMedian(spec)
+    if name in SIGN_VOTES:
+        return SignVote(spec, SIGN_VOTES[name])
     if name == "fedavg" and payload_kind != "dense":
         return StreamedMean(spec, broadcast, decode)
     if name == "fedavg":

@@ -1,12 +1,12 @@
 """Flower's Deployment Engine: a real SuperLink and real SuperNodes on loopback, and docker/.
 
 The e2e test runs one deployment with TLS and SuperNode authentication (private Flower home,
-free ports): an unregistered node is refused, then FedBAT runs three rounds while a node is
-killed; the results contract holds and every process started is gone afterwards. A plain-HTTP
-deployment differs only in flags (`--insecure`), checked statically below like compose.yaml's.
-Docker cannot run here, so docker/ is checked statically: the compose file parses, its
-Dockerfiles exist, every flag it passes exists in the installed Flower binaries (and is the
-flag scripts/deploy_local.py uses), and every image pins the installed flwr version.
+free ports): an unregistered node is refused, then FedBAT runs three rounds with a 4-bit
+broadcast while a node is killed; the results contract holds and every process started is gone
+afterwards. A plain-HTTP deployment differs only in flags (`--insecure`), checked statically
+below like compose.yaml's. Docker cannot run here, so docker/ is checked statically: the compose
+file parses, its Dockerfiles exist, every flag it passes exists in the installed Flower binaries
+(and is the flag scripts/deploy_local.py uses), and every image pins the installed flwr version.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def check_contract(rows: list[dict[str, Any]], summary: dict[str, Any], rounds: 
         assert set(METRIC_KEYS) <= set(row)
         assert row["method"] == "fedbat"
         assert 1.0 < row["uplink_bits_per_param"] <= 1.10  # 1-bit signs + fixed framing
+        assert 4.0 < row["downlink_bits_per_param"] <= 4.2  # the 4-bit broadcast (issue 21)
         assert row["uplink_bytes"] > 0 and row["round_seconds"] > 0
     assert set(SUMMARY_KEYS) <= set(summary)
     assert summary["rounds_completed"] == rounds
@@ -107,7 +108,10 @@ def tls_and_node_authentication_refuse_an_unregistered_node(deployment: LocalDep
 def fedbat_trains_on_real_supernodes_and_survives_a_killed_one(
     deployment: LocalDeployment, tmp_path: Path
 ) -> None:
-    """Three rounds over TLS on authenticated SuperNodes; one is SIGKILLed as round 2 starts."""
+    """Three rounds over TLS on authenticated SuperNodes; one is SIGKILLed as round 2 starts.
+
+    The broadcast is 4-bit (`downlink-bits=4`), so the Deployment Engine path decodes the
+    quantized downlink on real SuperNodes too."""
     victim = NUM_NODES - 1
     survivors = [node for pid, node in deployment.nodes.items() if pid != victim]
     before = {node.partition_id: trained_rounds(node.log_path) for node in survivors}
@@ -123,6 +127,7 @@ def fedbat_trains_on_real_supernodes_and_survives_a_killed_one(
         **SHORT_RUN,
         "fraction-train": 1.0,
         "min-train-nodes": 2,
+        "downlink-bits": 4,
         "output-dir": str(tmp_path),
         "run-name": "deploy-kill",
     }

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fedbat_flwr.aggregators import MajorityVote
+from fedbat_flwr.aggregators import SignVote
 from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.methods import LocalTask, get_method, method_names
 from fedbat_flwr.methods.bifl import SignSTE
@@ -427,7 +427,8 @@ def _strategy(kind: str, spec: ModelSpec = VOTE_SPEC, aggregator: str = "majorit
 
 def test_majority_strategy_applies_the_vote() -> None:
     strategy = _strategy("signs-unbounded")
-    assert isinstance(strategy.aggregator, MajorityVote)
+    assert isinstance(strategy.aggregator, SignVote)
+    assert strategy.aggregator.vote is majority_vote
     replies = [
         reply(i, payload_to_record(_vote_payload(s, a, st)), num_examples=10**6)
         for i, (s, a, st) in enumerate(VOTES, start=1)
@@ -436,7 +437,7 @@ def test_majority_strategy_applies_the_vote() -> None:
     new = record_to_arrays(arrays)
     np.testing.assert_allclose(new["w"], 1 + VOTE_DELTA["w"])
     np.testing.assert_allclose(new["bn.running_var"], [1.0])  # exp(0)
-    assert isinstance(build_strategy("majority", **_kwargs("signs")).aggregator, MajorityVote)
+    assert build_strategy("majority", **_kwargs("signs")).aggregator.vote is majority_vote
     with pytest.raises(ValueError, match="needs a sign payload"):
         build_strategy("majority", **_kwargs("kbit"))
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, Message
 
-from fedbat_flwr.aggregators import SignMedian
+from fedbat_flwr.aggregators import SignVote
 from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.records import payload_to_record, record_to_arrays, record_to_payload
 from fedbat_flwr.results import RoundStats
@@ -28,6 +28,7 @@ from fedbat_flwr.wire import (
     encode_signs,
     encode_sparse,
 )
+from fedbat_flwr.wire.votes import sign_median
 from tests.payloads import (
     BOUNDS,
     CAP,
@@ -318,7 +319,8 @@ def test_sign_median_equals_flowers_fedmedian_on_the_implied_weights(kind: str) 
     fifth = _honest(kind, seed=2, count=1)[0].content["arrays"]
     replies = [*_honest(kind, count=4), reply(5, fifth, num_examples=500)]
     strategy = make_strategy(kind, "sign-median")
-    assert isinstance(strategy.aggregator, SignMedian)
+    assert isinstance(strategy.aggregator, SignVote)
+    assert strategy.aggregator.vote is sign_median
     ours = _model(strategy, replies)
     flowers = _model(make_strategy(kind, "fedmedian"), replies)
     for name, value in flowers.items():
