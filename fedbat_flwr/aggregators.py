@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from .broadcast import Broadcast
+from .config import ConfigError
 from .records import arrays_to_record
 from .wire import SIGN_KINDS, Decoded, ModelSpec, majority_vote
 from .wire.votes import sign_median
@@ -226,6 +227,19 @@ SIGN_AGGREGATORS = tuple(SIGN_VOTES)
 AGGREGATORS = ("fedavg", *FLOWER_STRATEGIES, *SIGN_AGGREGATORS)
 
 
+def check_aggregator(name: str, *, payload_kind: str, method: str | None = None) -> None:
+    """A ConfigError naming the `aggregator` value and what is allowed for this payload kind."""
+    if name not in AGGREGATORS:
+        allowed = ", ".join(repr(a) for a in AGGREGATORS)
+        raise ConfigError(f"run-config 'aggregator' = {name!r} is not allowed; allowed: {allowed}")
+    if name in SIGN_AGGREGATORS and payload_kind not in SIGN_KINDS:
+        raise ConfigError(
+            f"run-config 'aggregator' = {name!r} votes on sign payloads and "
+            f"{f'method {method!r}' if method else 'the method'} sends {payload_kind!r}; allowed: "
+            + ", ".join(repr(a) for a in AGGREGATORS if a not in SIGN_AGGREGATORS)
+        )
+
+
 def make_aggregator(
     name: str,
     *,
@@ -235,21 +249,14 @@ def make_aggregator(
     decode: Callable[[ArrayRecord], Decoded],
     **flower_kwargs: Any,
 ) -> Aggregator:
-    """The aggregator the run config's `aggregator` names (ValueError naming what is allowed)."""
-    if name in SIGN_AGGREGATORS and payload_kind not in SIGN_KINDS:
-        raise ValueError(
-            f"run-config 'aggregator' = {name!r} needs a sign payload; method payload kind "
-            f"{payload_kind!r} is not one of {SIGN_KINDS}"
-        )
+    """The aggregator the run config's `aggregator` names (`check_aggregator` first)."""
+    check_aggregator(name, payload_kind=payload_kind)
     if name in SIGN_VOTES:
         return SignVote(spec, SIGN_VOTES[name])
     if name == "fedavg" and payload_kind != "dense":
         return StreamedMean(spec, broadcast, decode)
     if name == "fedavg":
         return FlowerAggregator(FedAvg(**flower_kwargs), spec, broadcast)
-    if name not in FLOWER_STRATEGIES:
-        allowed = ", ".join(repr(a) for a in AGGREGATORS)
-        raise ValueError(f"run-config 'aggregator' = {name!r} is unknown; allowed: {allowed}")
     flower = FLOWER_STRATEGIES[name](**flower_kwargs)
     wrapper = FedOptAggregator if isinstance(flower, FedOpt) else FlowerAggregator
     return wrapper(flower, spec, broadcast)

@@ -72,27 +72,17 @@ def check_method(config: RunConfig) -> Method:
     """Instantiate the method, which checks every option it reads, and its aggregator's name.
 
     The instance is the one the ServerApp uses for the whole run (`Method.server_part`)."""
-    from .aggregators import AGGREGATORS, SIGN_AGGREGATORS
+    from .aggregators import check_aggregator
     from .methods import get_method  # torch: only once the cheap checks passed
-    from .wire import SIGN_KINDS
 
     try:
         method_class = get_method(config.method)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     method = method_class(config)
-    aggregator = method.aggregator(config)
-    if aggregator not in AGGREGATORS:
-        names = ", ".join(repr(a) for a in AGGREGATORS)
-        raise ConfigError(
-            f"run-config 'aggregator' = {aggregator!r} is not allowed; allowed: {names}"
-        )
-    if aggregator in SIGN_AGGREGATORS and method.payload_kind not in SIGN_KINDS:
-        raise ConfigError(
-            f"run-config 'aggregator' = {aggregator!r} votes on sign payloads and method "
-            f"{config.method!r} sends {method.payload_kind!r}; allowed: "
-            + ", ".join(repr(a) for a in AGGREGATORS if a not in SIGN_AGGREGATORS)
-        )
+    check_aggregator(
+        method.aggregator(config), payload_kind=method.payload_kind, method=config.method
+    )
     return method
 
 

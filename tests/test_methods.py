@@ -438,7 +438,7 @@ def test_majority_strategy_applies_the_vote() -> None:
     np.testing.assert_allclose(new["w"], 1 + VOTE_DELTA["w"])
     np.testing.assert_allclose(new["bn.running_var"], [1.0])  # exp(0)
     assert build_strategy("majority", **_kwargs("signs")).aggregator.vote is majority_vote
-    with pytest.raises(ValueError, match="needs a sign payload"):
+    with pytest.raises(ValueError, match="'majority' votes on sign payloads"):
         build_strategy("majority", **_kwargs("kbit"))
 
 
