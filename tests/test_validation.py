@@ -360,8 +360,13 @@ def test_sign_median_stays_within_the_honest_steps_under_attack() -> None:
 
 
 def test_sign_median_needs_a_sign_payload() -> None:
-    with pytest.raises(ValueError, match="'sign-median' votes on sign payloads"):
+    with pytest.raises(ConfigError, match="'sign-median' votes on sign payloads.*'fedavg'"):
         make_strategy("kbit", "sign-median")
+
+
+def test_an_unknown_aggregator_is_refused_with_the_allowed_names() -> None:
+    with pytest.raises(ConfigError, match=r"'aggregator' = 'avg' is not allowed; allowed: 'fed"):
+        make_strategy("signs", "avg")
 
 
 def test_sign_median_of_two_float32_max_steps_does_not_overflow() -> None:
