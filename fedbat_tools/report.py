@@ -426,14 +426,51 @@ UPLINK_AXIS = XAxis("uplink_mb", "cumulative uplink (MB, log scale)", "uplink", 
 def write_plots(
     runs: Sequence[RunResult], out_dir: Path, *, title: str, labels: Mapping[str, str]
 ) -> list[Path]:
-    """accuracy_vs_round.png and accuracy_vs_uplink.png: a panel per (N, partitioner)."""
+    """accuracy_vs_round.png, accuracy_vs_uplink.png and accuracy_vs_bits.png: a panel per
+    (N, partitioner)."""
     by_group = curves(runs)
     if not by_group:
         return []
     return [
         _plot(by_group, out_dir / "accuracy_vs_round.png", ROUND_AXIS, title, labels),
         _plot(by_group, out_dir / "accuracy_vs_uplink.png", UPLINK_AXIS, title, labels),
+        _tradeoff_plot(aggregate(runs), out_dir / "accuracy_vs_bits.png", title, labels),
     ]
+
+
+def _tradeoff_plot(
+    stats: Sequence[GroupStats], path: Path, title: str, labels: Mapping[str, str]
+) -> Path:
+    """One point per group: mean accuracy over the last rounds against the mean uplink bits per
+    parameter, with the seeds' standard deviation as error bar -- the trade-off a setting buys
+    (e.g. a regulariser's strength), where accuracy_vs_uplink shows it round by round."""
+    from matplotlib.figure import Figure
+
+    columns = columns_of(stats)
+    colours = _colours(rows_of(stats))
+    fig = Figure(figsize=(max(4.2 * len(columns), 6.4), 4.3), layout="constrained")
+    axes = fig.subplots(1, len(columns), squeeze=False, sharey=True)[0]
+    for ax, column in zip(axes, columns, strict=True):
+        for s in (s for s in stats if s.key.column == column):
+            ax.errorbar(
+                s.uplink_bits_per_param,
+                100 * s.final_mean_last5,
+                yerr=100 * s.final_mean_last5_std if s.num_seeds > 1 else None,
+                fmt="o",
+                capsize=3,
+                color=colours[s.key.row],
+                label=row_label(s.key.method, s.key.extras, labels),
+            )
+        ax.set_xscale("log")
+        ax.set_title(column_label(column))
+        ax.set_xlabel("uplink bit/param, mean over rounds (log)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(f"test accuracy, mean of the last {LAST_K} rounds (%)")
+    handles, names = _legend_entries(axes)
+    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4))
+    fig.suptitle(f"{title}: accuracy vs uplink bits (mean ± std over seeds)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
 
 
 def _plot(
@@ -450,9 +487,7 @@ def _plot(
     keys = list(by_group)
     sizes = sorted({k.num_clients for k in keys})
     partitioners = list(dict.fromkeys(k.partitioner for k in keys))
-    rows = list(dict.fromkeys(k.row for k in keys))
-    palette = [f"C{i}" for i in range(10)] if len(rows) <= 10 else _TAB20  # one colour a method
-    colours = {row: palette[i % len(palette)] for i, row in enumerate(rows)}
+    colours = _colours(list(dict.fromkeys(k.row for k in keys)))
     width = max(4.2 * len(partitioners), 6.4)  # room for the title and a 4-column legend
     fig = Figure(figsize=(width, 3.4 * len(sizes) + 0.9), layout="constrained")
     axes = fig.subplots(len(sizes), len(partitioners), squeeze=False, sharey=True)
@@ -507,6 +542,12 @@ _TAB20 = [
 ]  # fmt: skip
 
 
+def _colours(rows: Sequence[Row]) -> dict[Row, str]:
+    """One colour a method (row), the same in every panel."""
+    palette = [f"C{i}" for i in range(10)] if len(rows) <= 10 else _TAB20
+    return {row: palette[i % len(palette)] for i, row in enumerate(rows)}
+
+
 def _legend_entries(axes: Any) -> tuple[list[Any], list[str]]:
     """One legend entry per method across all panels (panels may miss some methods)."""
     entries: dict[str, Any] = {}
@@ -528,7 +569,7 @@ def write_report(
     paper: Paper,
     notes: Sequence[str] = (),
 ) -> list[Path]:
-    """table.md, table.csv and both plots in `out_dir`; returns the files written."""
+    """table.md, table.csv and the plots in `out_dir`; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = aggregate(runs)
     if not stats:

@@ -318,7 +318,8 @@ def test_report_files(tmp_path: Path) -> None:
         synthetic_runs(tmp_path / "runs"), tmp_path, title="synthetic", labels=labels, paper=paper
     )
     assert {p.name for p in written} == {
-        "table.md", "table.csv", "accuracy_vs_round.png", "accuracy_vs_uplink.png"
+        "table.md", "table.csv", "accuracy_vs_round.png", "accuracy_vs_uplink.png",
+        "accuracy_vs_bits.png",
     }  # fmt: skip
     md = (tmp_path / "table.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| method | iid"))
@@ -335,7 +336,7 @@ def test_report_files(tmp_path: Path) -> None:
     shard = next(r for r in rows if r["method"] == "fedbat" and r["partitioner"] == "shard")
     assert float(shard["final_accuracy_mean"]) == pytest.approx(0.82)
     assert float(shard["paper_accuracy_mean"]) == pytest.approx(0.89)
-    for name in ("accuracy_vs_round.png", "accuracy_vs_uplink.png"):
+    for name in ("accuracy_vs_round.png", "accuracy_vs_uplink.png", "accuracy_vs_bits.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
