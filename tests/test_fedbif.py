@@ -322,9 +322,34 @@ def test_client_round_trains_the_activated_bit_and_inherits_virtual_bits() -> No
         assert set(update.metrics) == {"train-loss", "flipped-bits"}
 
 
+def test_init_scale_scales_a_first_round_s_virtual_bits() -> None:
+    """fedbif-init-scale multiplies the fresh Kaiming magnitudes; the frozen bits keep them."""
+    spec = model_spec(nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3)))
+    part = get_method("fedbif")(RunConfig(method="fedbif")).server_part(spec)
+    torch.manual_seed(0)
+    glob = part.initial(
+        state_arrays(nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3)))
+    )
+    down = record_to_payload(payload_to_record(part.payload(glob, 1)))
+    magnitudes = {}
+    for scale in (1.0, 0.1):
+        config = RunConfig(method="fedbif", extra={"fedbif-init-scale": scale})
+        state: dict[str, np.ndarray] = {}
+        get_method("fedbif")(config).train(_tiny(config, down, state, 1))
+        magnitudes[scale] = np.abs(state["virtual-bits/1.weight"][:3])  # bit 3 trained in round 1
+    np.testing.assert_allclose(magnitudes[0.1], 0.1 * magnitudes[1.0], rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("fedbif-bits", 1), ("fedbif-bits", 9), ("fedbif-active-bits", 5), ("fedbif-selector", "x")],
+    [
+        ("fedbif-bits", 1),
+        ("fedbif-bits", 9),
+        ("fedbif-active-bits", 5),
+        ("fedbif-selector", "x"),
+        ("fedbif-init-scale", 0.0),
+        ("fedbif-init-scale", "small"),
+    ],
 )
 def test_bad_options_name_the_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):

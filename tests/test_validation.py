@@ -360,7 +360,7 @@ def test_sign_median_stays_within_the_honest_steps_under_attack() -> None:
 
 
 def test_sign_median_needs_a_sign_payload() -> None:
-    with pytest.raises(ConfigError, match="'sign-median' votes on sign payloads.*'fedavg'"):
+    with pytest.raises(ConfigError, match=r"'sign-median' votes on sign payloads.*'fedavg'"):
         make_strategy("kbit", "sign-median")
 
 
