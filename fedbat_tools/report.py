@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -628,13 +629,23 @@ def load_run_view(run_dir: Path) -> RunView:
 
 
 def _labels_unique(views: Sequence[RunView]) -> list[RunView]:
-    """Folder names, made unique with their parent's name when two runs share one."""
+    """Folder names; runs that share one get as many parent folders as tell them apart
+    (suites/a/runs/x and suites/b/runs/x: a/runs/x and b/runs/x)."""
+    parts = [Path(os.path.abspath(v.run_dir)).parts for v in views]  # symlinks kept as named
     names = [v.label for v in views]
+    labels = list(names)
+    for i, name in enumerate(names):
+        twins = [j for j, other in enumerate(names) if other == name]
+        if len(twins) == 1:
+            continue
+        for depth in range(2, len(parts[i]) + 1):
+            suffixes = {parts[j][-depth:] for j in twins}
+            if len(suffixes) == len(twins) or depth == len(parts[i]):
+                labels[i] = "/".join(parts[i][-depth:])
+                break
     return [
-        RunView(f"{v.run_dir.parent.name}/{v.label}", v.run_dir, v.rows, v.summary, v.config)
-        if names.count(v.label) > 1
-        else v
-        for v in views
+        RunView(label, v.run_dir, v.rows, v.summary, v.config)
+        for label, v in zip(labels, views, strict=True)
     ]
 
 

@@ -65,6 +65,19 @@ def test_report_prints_runs_side_by_side_and_draws_both_plots(tmp_path: Path, ca
         assert (out / name).stat().st_size > 0
 
 
+def test_runs_sharing_a_folder_name_are_told_apart_by_their_parents(tmp_path: Path, capsys):
+    for suite in ("cpu-fmnist", "cpu-fmnist-downlink"):
+        write_run(tmp_path / suite / "runs" / "fedbat-s0", [0.5], {"method": "fedbat"})
+    write_run(tmp_path / "other", [0.5], {"method": "fedavg"})
+    capsys.readouterr()
+    runs = [str(tmp_path / s / "runs" / "fedbat-s0") for s in ("cpu-fmnist", "cpu-fmnist-downlink")]
+    assert report_main([*runs, str(tmp_path / "other"), "--output", str(tmp_path / "r")]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert [c.strip() for c in header.split("|")[2:5]] == [
+        "cpu-fmnist/runs/fedbat-s0", "cpu-fmnist-downlink/runs/fedbat-s0", "other"
+    ]  # fmt: skip
+
+
 def test_report_of_one_run_writes_into_it_and_shows_an_unfinished_run(tmp_path: Path, capsys):
     write_run(tmp_path / "r", [0.2, 0.4], {"method": "fedbat"}, finish=False)
     capsys.readouterr()
