@@ -38,6 +38,7 @@ flips 2.2 % / 7.0 % and ends at 0.42 / 0.36 (one client, round 1, measured 2026-
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, MutableMapping, Sequence
 
 import numpy as np
@@ -140,14 +141,7 @@ class FedBiF(Method):
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
         require_fedavg(config)
-        self.bits, self.count, self.selector = fedbif_options(config)
-        self.init_scale = option(
-            config,
-            "fedbif-init-scale",
-            1.0,
-            lambda s: isinstance(s, int | float) and not isinstance(s, bool) and 0 < s < np.inf,
-            "a positive finite number (1 = Kaiming magnitudes, the paper)",
-        )
+        self.bits, self.count, self.selector, self.init_scale = fedbif_options(config)
 
     def server_part(self, spec: ModelSpec) -> ServerPart:
         return FedBiFPart(spec, self.bits, self.count, self.selector, seed=self.config.seed)
@@ -229,8 +223,8 @@ class FedBiF(Method):
         return encode_fedbif_bits(task.spec, self.bits, active, planes, signs, alphas)
 
 
-def fedbif_options(config: RunConfig) -> tuple[int, int, str]:
-    """(m, activated bits per round, selector), checked once."""
+def fedbif_options(config: RunConfig) -> tuple[int, int, str, float]:
+    """(m, activated bits per round, selector, initial virtual-bit scale), checked once."""
     bits = option(
         config, "fedbif-bits", 4, lambda m: 2 <= m <= MAX_BITS, f"an integer in [2, {MAX_BITS}]"
     )
@@ -244,7 +238,10 @@ def fedbif_options(config: RunConfig) -> tuple[int, int, str]:
     selector = option(
         config, "fedbif-selector", "cycle", SELECTORS.__contains__, ", ".join(SELECTORS)
     )
-    return bits, count, selector
+    init_scale = option(
+        config, "fedbif-init-scale", 1.0, lambda s: math.isfinite(s) and s > 0, "a float > 0"
+    )
+    return bits, count, selector, init_scale
 
 
 # --- server -------------------------------------------------------------------------------
