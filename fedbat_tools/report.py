@@ -425,17 +425,22 @@ UPLINK_AXIS = XAxis("uplink_mb", "cumulative uplink (MB, log scale)", "uplink", 
 
 
 def write_plots(
-    runs: Sequence[RunResult], out_dir: Path, *, title: str, labels: Mapping[str, str]
+    runs: Sequence[RunResult],
+    stats: Sequence[GroupStats],
+    out_dir: Path,
+    *,
+    title: str,
+    labels: Mapping[str, str],
 ) -> list[Path]:
-    """accuracy_vs_round.png, accuracy_vs_uplink.png and accuracy_vs_bits.png: a panel per
-    (N, partitioner)."""
+    """accuracy_vs_round.png, accuracy_vs_uplink.png (from the runs' rows) and
+    accuracy_vs_bits.png (from their `aggregate` stats): a panel per (N, partitioner)."""
     by_group = curves(runs)
     if not by_group:
         return []
     return [
         _plot(by_group, out_dir / "accuracy_vs_round.png", ROUND_AXIS, title, labels),
         _plot(by_group, out_dir / "accuracy_vs_uplink.png", UPLINK_AXIS, title, labels),
-        _tradeoff_plot(aggregate(runs), out_dir / "accuracy_vs_bits.png", title, labels),
+        _tradeoff_plot(stats, out_dir / "accuracy_vs_bits.png", title, labels),
     ]
 
 
@@ -581,7 +586,7 @@ def write_report(
         ),
         write_csv(stats, out_dir / "table.csv", labels, paper),
     ]
-    return written + write_plots(runs, out_dir, title=title, labels=labels)
+    return written + write_plots(runs, stats, out_dir, title=title, labels=labels)
 
 
 # --- fedbat-report: one or several run folders side by side ---------------------------------
