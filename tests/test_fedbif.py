@@ -275,9 +275,13 @@ def test_cnn4_downlink_is_at_most_4_1_bits_per_parameter() -> None:
 # --- one client round ---------------------------------------------------------------------
 
 
+def _tiny_model() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3))
+
+
 def _tiny(config: RunConfig, downlink: dict, state: dict, server_round: int) -> LocalTask:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3))
+    model = _tiny_model()
     spec = model_spec(model)
     method = get_method("fedbif")(config)
     global_state = method.receive(downlink, spec, state)
@@ -293,11 +297,9 @@ def _tiny(config: RunConfig, downlink: dict, state: dict, server_round: int) -> 
 def test_client_round_trains_the_activated_bit_and_inherits_virtual_bits() -> None:
     config = RunConfig(method="fedbif", lr=0.5, local_epochs=2)
     torch.manual_seed(0)
-    spec = model_spec(nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3)))
+    spec = model_spec(_tiny_model())
     part = get_method("fedbif")(config).server_part(spec)
-    glob = part.initial(
-        state_arrays(nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3)))
-    )
+    glob = part.initial(state_arrays(_tiny_model()))
     state: dict[str, np.ndarray] = {}
     for server_round in (1, 2):
         down = record_to_payload(payload_to_record(part.payload(glob, server_round)))
@@ -324,12 +326,10 @@ def test_client_round_trains_the_activated_bit_and_inherits_virtual_bits() -> No
 
 def test_init_scale_scales_a_first_round_s_virtual_bits() -> None:
     """fedbif-init-scale multiplies the fresh Kaiming magnitudes; the frozen bits keep them."""
-    spec = model_spec(nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3)))
+    spec = model_spec(_tiny_model())
     part = get_method("fedbif")(RunConfig(method="fedbif")).server_part(spec)
     torch.manual_seed(0)
-    glob = part.initial(
-        state_arrays(nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3)))
-    )
+    glob = part.initial(state_arrays(_tiny_model()))
     down = record_to_payload(payload_to_record(part.payload(glob, 1)))
     magnitudes = {}
     for scale in (1.0, 0.1):
