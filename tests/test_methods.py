@@ -123,9 +123,11 @@ def test_method_keys_are_in_pyproject() -> None:
     root = Path(__file__).resolve().parent.parent
     table = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     sources = "".join(p.read_text() for p in (root / "fedbat_flwr" / "methods").glob("*.py"))
-    keys = set(re.findall(r'option\(\s*config,\s*"([^"]+)"', sources))
-    assert {"signsgd-alpha", "sign-aggregation", "quant-bits", "zerofl-sparsity"} <= keys
-    assert keys <= set(table), sorted(keys - set(table))
+    read = set(re.findall(r'option\(\s*config,\s*"([^"]+)"', sources))
+    declared = {key for name in method_names() for key in get_method(name).options}
+    assert {"signsgd-alpha", "noisy-alpha", "stoc-alpha", "quant-bits"} <= declared
+    assert read <= declared, sorted(read - declared)  # every key a method reads, it declares
+    assert declared <= set(table), sorted(declared - set(table))
     config = RunConfig.from_flower(table)  # the defaults parse and every method accepts them
     for name in method_names():
         get_method(name)(config)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TypeVar
+from dataclasses import replace
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -15,9 +16,9 @@ from torch.nn.utils import parametrize
 from ..config import ConfigError, RunConfig
 from ..task import state_arrays
 from ..training import recompute_batchnorm_statistics, run_sgd
-from ..wire import ModelSpec, TensorSpec, encode_signs, encode_sparse, is_binarized
+from ..wire import AlphaBounds, ModelSpec, TensorSpec, encode_signs, encode_sparse, is_binarized
 from ..wire.mixed import encode_mixed
-from .base import LocalTask
+from .base import ClientUpdate, LocalTask, Method
 
 T = TypeVar("T")
 
@@ -238,3 +239,50 @@ def option(config: RunConfig, key: str, default: T, ok: Callable[[T], bool], all
     if not ok(value):
         raise ConfigError(f"run-config '{key}' = {value!r} is not allowed; allowed: {allowed}")
     return value
+
+
+class FixedStepSigns(Method):
+    """A post-training sign method whose every parameter alpha is one run-config constant
+    (SignSGD, Noisy-SignSGD, Stoc-SignSGD): train as FedAvg does, send `sign_bits` of the
+    update with alpha = the value of `alpha_key`. A subclass names its key and default and, if
+    it does not send the plain sign, how it draws the bits."""
+
+    payload_kind = "signs"  # the parameter alpha is exactly the configured one (step_bounds)
+    alpha_key: ClassVar[str]
+    alpha_default: ClassVar[float]
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config)
+        self.alpha = self.fixed_alpha(config)
+
+    @classmethod
+    def fixed_alpha(cls, config: RunConfig) -> float:
+        """The fixed step size, read alike by the clients and the server."""
+        return option(
+            config,
+            cls.alpha_key,
+            cls.alpha_default,
+            lambda a: math.isfinite(a) and a > 0,
+            "a float > 0",
+        )
+
+    @classmethod
+    def step_bounds(cls, config: RunConfig) -> AlphaBounds:
+        """The server accepts exactly the configured alpha as a parameter's alpha: a client
+        cannot buy influence with a larger step."""
+        alpha = cls.fixed_alpha(config)
+        return replace(super().step_bounds(config), param=(alpha, alpha))
+
+    def sign_bits(self, m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The bits sent for update ``m`` (True = +alpha): sign(m), a zero entry as +alpha."""
+        return m >= 0
+
+    def train(self, task: LocalTask) -> ClientUpdate:
+        loss = train_plain(task)
+        delta = local_delta(task)
+        rng = np.random.default_rng(task.seed)
+        params = signed_params(task)
+        bits = {t.name: self.sign_bits(delta[t.name], rng) for t in params}
+        alphas = {t.name: self.alpha for t in params}
+        payload = encode_param_signs(task, delta, bits, alphas)
+        return ClientUpdate(payload, task.batches.num_examples, {"train-loss": loss})
