@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from fedbat_tools.localrun import LocalSuperLink, descendants, is_alive
 
@@ -25,6 +26,16 @@ from fedbat_tools.localrun import LocalSuperLink, descendants, is_alive
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The e2e tests first, each group in its collected order."""
     items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: a second intra-op thread only spins (~30x slower).
+    Modules of such tests use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -23,13 +23,7 @@ from fedbat_flwr.server_part import BinaryNetworkPart, ServerPart, binary_networ
 from fedbat_flwr.task import build_model_for, load_state, model_spec, state_arrays
 from fedbat_flwr.training import evaluate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model() -> nn.Module:

@@ -18,8 +18,9 @@ from fedbat_flwr.wire import AlphaBounds, ModelSpec, PayloadError, TensorSpec, d
 from fedbat_flwr.wire.mixed import encode_mixed, validate_mixed
 from fedbat_flwr.wire.signs import encode_signs
 from fedbat_flwr.wire.votes import majority_vote, sign_median
-from tests.test_methods import one_torch_thread, run, tiny_task  # noqa: F401 (fixture)
+from tests.test_methods import run, tiny_task
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BOUNDS = AlphaBounds(param=(5e-4, 5e-2), stat=(0.0, 20.0))
 SIGN_METHODS = ("fedbat", "signsgd", "ef-signsgd", "noisy-signsgd", "stoc-signsgd")
 SPEC = ModelSpec(

@@ -13,10 +13,9 @@ from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.methods import LocalTask, get_method
 from fedbat_flwr.methods.fedbif import ActiveBits, FedBiFPart, active_bits, inherit
 from fedbat_flwr.records import payload_to_record, record_to_payload, wire_bytes
-from fedbat_flwr.strategy import build_strategy
 from fedbat_flwr.task import build_model_for, load_state, model_spec, state_arrays
 from fedbat_flwr.training import TensorBatches
-from fedbat_flwr.wire import AlphaBounds, ModelSpec, PayloadError, TensorSpec, decode_payload
+from fedbat_flwr.wire import AlphaBounds, PayloadError, decode_payload
 from fedbat_flwr.wire.fedbif import (
     bit_planes,
     dequantize,
@@ -27,25 +26,14 @@ from fedbat_flwr.wire.fedbif import (
     validate_fedbif_bits,
     validate_fedbif_model,
 )
-from tests.strategy_helpers import reply
+from tests.strategy_helpers import FEDBIF_SPEC, fedbif_strategy, reply
 
 CPU = torch.device("cpu")
 BOUNDS = AlphaBounds()
-SPEC = ModelSpec(
-    (
-        TensorSpec("conv.weight", (1, 2)),
-        TensorSpec("bn.weight", (2,)),
-        TensorSpec("bn.running_var", (2,), kind="stat", domain="log"),
-    )
-)
+SPEC = FEDBIF_SPEC
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- Eq. 1-5 ------------------------------------------------------------------------------
@@ -239,16 +227,7 @@ def test_eq6_aggregation_hand_example() -> None:
 
 
 def test_strategy_rejects_bits_of_another_round() -> None:
-    part = FedBiFPart(SPEC, 4, 1, "cycle", seed=0)
-    strategy = build_strategy(
-        "fedavg", spec=SPEC, payload_kind="fedbif-bits", bounds=BOUNDS,
-        max_num_examples=100, min_train_nodes=1, part=part,
-    )  # fmt: skip
-    strategy.global_arrays = {
-        "conv.weight": np.array([[-0.8, 0.4]], np.float32),
-        "bn.weight": np.ones(2, np.float32),
-        "bn.running_var": np.ones(2, np.float32),
-    }
+    strategy = fedbif_strategy(BOUNDS)
     good = payload_to_record(_uplink_payload([3]))
     stale = payload_to_record(_uplink_payload([2]))  # round 2's bit, sent in round 1
     arrays, _ = strategy.aggregate_train(1, [reply(1, good), reply(2, stale)])

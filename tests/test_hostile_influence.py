@@ -17,20 +17,17 @@ import tomllib
 
 from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.methods import get_method
-from fedbat_flwr.methods.fedbif import FedBiFPart
 from fedbat_flwr.records import payload_to_record, record_to_arrays
 from fedbat_flwr.strategy import build_strategy
 from fedbat_flwr.wire import (
     AlphaBounds,
-    ModelSpec,
     PayloadError,
-    TensorSpec,
     decode_payload,
     encode_signs,
 )
 from fedbat_flwr.wire.fedbif import encode_fedbif_bits
 from tests.payloads import SPEC, make_strategy, to_record, valid_payload
-from tests.strategy_helpers import reply
+from tests.strategy_helpers import FEDBIF_SPEC, fedbif_strategy, reply
 
 # -- one reply per node per round ----------------------------------------------------------------
 
@@ -114,41 +111,24 @@ def test_data_sized_methods_keep_the_run_bounds() -> None:
 
 # -- FedBiF: full-precision BatchNorm affine within max-update-entry ---------------------------
 
-BIF_SPEC = ModelSpec(
-    (
-        TensorSpec("conv.weight", (1, 2)),
-        TensorSpec("bn.weight", (2,)),
-        TensorSpec("bn.running_var", (2,), kind="stat", domain="log"),
-    )
-)
-
 
 def _bif_uplink(affine_step: float, stat_step: float) -> dict[str, np.ndarray]:
     planes = {"conv.weight": np.ones((1, 1, 2), bool)}
     signs = {"bn.weight": np.ones(2, bool), "bn.running_var": np.ones(2, bool)}
     steps = {"bn.weight": affine_step, "bn.running_var": stat_step}
-    return encode_fedbif_bits(BIF_SPEC, 4, [3], planes, signs, steps)
+    return encode_fedbif_bits(FEDBIF_SPEC, 4, [3], planes, signs, steps)
 
 
 def test_fedbif_affine_steps_are_bounded_by_max_update_entry_not_the_stat_bound() -> None:
     """FedBiF's BatchNorm weight used to accept a step up to stat-alpha-max (20); it is a
     parameter whose step the client's data decides, bounded like every other such step."""
     bounds = AlphaBounds(stat=(0.0, 20.0), update=0.5)
-    decode_payload("fedbif-bits", _bif_uplink(0.5, 20.0), BIF_SPEC, bounds)  # both at the edge
+    decode_payload("fedbif-bits", _bif_uplink(0.5, 20.0), FEDBIF_SPEC, bounds)  # both at the edge
     with pytest.raises(PayloadError, match=r"bn\.weight"):
-        decode_payload("fedbif-bits", _bif_uplink(20.0, 1.0), BIF_SPEC, bounds)
+        decode_payload("fedbif-bits", _bif_uplink(20.0, 1.0), FEDBIF_SPEC, bounds)
     with pytest.raises(PayloadError, match=r"bn\.running_var"):
-        decode_payload("fedbif-bits", _bif_uplink(0.1, 20.5), BIF_SPEC, bounds)
-    part = FedBiFPart(BIF_SPEC, 4, 1, "cycle", seed=0)
-    strategy = build_strategy(
-        "fedavg", spec=BIF_SPEC, payload_kind="fedbif-bits", bounds=bounds,
-        max_num_examples=100, min_train_nodes=1, part=part,
-    )  # fmt: skip
-    strategy.global_arrays = {
-        "conv.weight": np.array([[-0.8, 0.4]], np.float32),
-        "bn.weight": np.ones(2, np.float32),
-        "bn.running_var": np.ones(2, np.float32),
-    }
+        decode_payload("fedbif-bits", _bif_uplink(0.1, 20.5), FEDBIF_SPEC, bounds)
+    strategy = fedbif_strategy(bounds)
     good, bad = _bif_uplink(0.1, 0.1), _bif_uplink(20.0, 0.1)
     arrays, _ = strategy.aggregate_train(
         1, [reply(1, payload_to_record(good)), reply(2, payload_to_record(bad))]
