@@ -354,7 +354,12 @@ def cell_status(cell: Cell, runs_dir: Path) -> str:
 
 # Keys added to the run config after runs were committed: a run that did not record one ran
 # with this behaviour (the code before the key existed), whatever the key's default is now.
-VALUE_BEFORE_KEY = {"bn-payload": "binary", "downlink-bits": 32, "fedpm-theta": "mean"}
+VALUE_BEFORE_KEY = {
+    "bn-payload": "binary",
+    "downlink-bits": 32,
+    "fedpm-theta": "mean",
+    "fedpm-theta-eps": 1e-3,
+}
 
 
 def config_changes(cell: Cell, summary: Mapping[str, Any]) -> list[str]:

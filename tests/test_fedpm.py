@@ -136,10 +136,18 @@ def test_prior_resets_every_n_rounds() -> None:
         fresh.load_state({})
 
 
-def test_client_moves_a_theta_of_zero_or_one() -> None:
-    """theta = 0 or 1 (the mode where all clients agree) gives a finite score, |logit(1e-3)|."""
-    score = _score(np.array([0.0, 1.0, 0.5], np.float32), CPU)
-    torch.testing.assert_close(score, torch.tensor([-6.9068, 6.9068, 0.0]), atol=1e-4, rtol=0)
+@pytest.mark.parametrize(("eps", "logit"), [(1e-3, 6.9068), (0.01, 4.5951)])
+def test_client_moves_a_theta_of_zero_or_one(eps: float, logit: float) -> None:
+    """theta = 0 or 1 (the mode where all clients agree) gives a finite score, |logit(eps)|."""
+    score = _score(np.array([0.0, 1.0, 0.5, 0.3], np.float32), eps, CPU)
+    expected = torch.tensor([-logit, logit, 0.0, math.log(0.3 / 0.7)])
+    torch.testing.assert_close(score, expected, atol=1e-4, rtol=0)
+
+
+def test_theta_eps_reaches_the_clients_scores() -> None:
+    """`fedpm-theta-eps` is the clip a client applies to the theta it receives."""
+    assert get_method("fedpm")(RunConfig()).theta_eps == 1e-3
+    assert get_method("fedpm")(RunConfig(extra={"fedpm-theta-eps": 0.01})).theta_eps == 0.01
 
 
 def test_evaluated_model_is_reference_times_a_mask_from_theta() -> None:
@@ -309,6 +317,8 @@ def test_client_round_sends_a_mask_the_rule_aggregates(coded: bool) -> None:
         ("fedpm-prior-reset", 0),
         ("fedpm-entropy-coding", 1),
         ("fedpm-theta", "median"),
+        ("fedpm-theta-eps", 0.0),
+        ("fedpm-theta-eps", 0.5),
     ],
 )
 def test_bad_options_name_the_key(key: str, value: object) -> None:

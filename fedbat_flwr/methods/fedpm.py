@@ -21,7 +21,11 @@ their paper resets less often under partial participation), ``a += sum_k m_k``,
 Bayesian aggregation prescribes (`fedpm-theta = "mode"`, the default). With a reset every round
 that is the plain mean of the K masks, so theta reaches 0 or 1 where all clients agree: the
 evaluation mask then keeps exactly the weights every client kept, and a client still moves such
-an entry because it clips theta into [1e-3, 1 - 1e-3] before taking the logit (`_score`).
+an entry because it clips theta into [eps, 1 - eps] before taking the logit (`_score`;
+`fedpm-theta-eps`, default 1e-3). The clip decides how far from "decided" a round starts: the
+authors' clients upload masks smoothed to {0.01, 0.99}, so their server's mode never leaves
+[0.01, 0.99] (logit +-4.6); 1e-3 starts at +-6.9, where one round of Adam steps (at most
+`fedpm-lr` each) rarely brings an entry back into the masks the clients sample.
 Where a + b - 2 = 0 (no mask since the reset: Beta(1, 1) has no mode) theta is the mean, 1/2.
 `fedpm-theta = "mean"` keeps the posterior mean a / (a + b) instead, which with K = 10 and a
 reset every round stays inside [1/12, 11/12]. Downlink: theta as float16 (16 bits per weight)
@@ -63,7 +67,6 @@ from ..wire.fedpm import (
 from .base import ClientUpdate, LocalTask, Method, register
 from .common import option, parametrized_by_name, update_signs
 
-THETA_EPS = 1e-3  # received theta is clipped into [eps, 1 - eps] before taking its logit
 THETA_RULES = ("mode", "mean")  # `fedpm-theta`: the server's point estimate of the Beta posterior
 
 
@@ -133,7 +136,14 @@ class FedPM(Method):
 
     name = "fedpm"
     payload_kind = "fedpm-mask"
-    options = ("fedpm-lr", "fedpm-reg", "fedpm-entropy-coding", "fedpm-prior-reset", "fedpm-theta")
+    options = (
+        "fedpm-lr",
+        "fedpm-reg",
+        "fedpm-entropy-coding",
+        "fedpm-prior-reset",
+        "fedpm-theta",
+        "fedpm-theta-eps",
+    )
     own_downlink = True
 
     def __init__(self, config: RunConfig) -> None:
@@ -145,6 +155,9 @@ class FedPM(Method):
         self.coded = option(config, "fedpm-entropy-coding", False, lambda v: True, "true, false")
         self.reset = prior_reset(config)
         self.theta_rule = theta_rule(config)
+        self.theta_eps = option(
+            config, "fedpm-theta-eps", 1e-3, lambda v: 0 < v < 0.5, "a float in (0, 0.5)"
+        )
 
     def server_part(self, spec: ModelSpec) -> ServerPart:
         return FedPMPart(
@@ -171,7 +184,10 @@ class FedPM(Method):
         generator = torch.Generator(device=task.device).manual_seed(task.seed)
         for p in task.model.parameters():
             p.requires_grad_(False)
-        parts = {name: SampledMask(_score(t, task.device), generator) for name, t in theta.items()}
+        parts = {
+            name: SampledMask(_score(t, self.theta_eps, task.device), generator)
+            for name, t in theta.items()
+        }
         with parametrized_by_name(task.model, parts):
             loss = train_scores(task, [p.score for p in parts.values()], self.lr, self.reg)
         masks = {}
@@ -194,9 +210,9 @@ class FedPM(Method):
         return encode_fedpm_mask(task.spec, masks, signs, alphas, coded=self.coded)
 
 
-def _score(theta: np.ndarray, device: torch.device) -> torch.Tensor:
+def _score(theta: np.ndarray, eps: float, device: torch.device) -> torch.Tensor:
     """logit(theta), theta clipped into [eps, 1 - eps] so the score is finite."""
-    clipped = np.clip(theta, THETA_EPS, 1.0 - THETA_EPS).astype(np.float32)
+    clipped = np.clip(theta, eps, 1.0 - eps).astype(np.float32)
     return torch.logit(torch.from_numpy(clipped)).to(device)
 
 
