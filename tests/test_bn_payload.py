@@ -21,6 +21,7 @@ from fedbat_flwr.wire.votes import majority_vote, sign_median
 from tests.test_methods import run, tiny_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BOUNDS = AlphaBounds(param=(5e-4, 5e-2), stat=(0.0, 20.0))
 SIGN_METHODS = ("fedbat", "signsgd", "ef-signsgd", "noisy-signsgd", "stoc-signsgd")
 SPEC = ModelSpec(

@@ -144,8 +144,9 @@ def test_client_moves_a_theta_of_zero_or_one(eps: float, logit: float) -> None:
     torch.testing.assert_close(score, expected, atol=1e-4, rtol=0)
 
 
-def test_theta_eps_reaches_the_clients_scores() -> None:
-    """`fedpm-theta-eps` is the clip a client applies to the theta it receives."""
+def test_theta_eps_is_read_with_the_former_clip_as_default() -> None:
+    """`fedpm-theta-eps` (the clip `train` hands `_score`) defaults to 1e-3, the clip runs
+    made before the key existed used (fedbat-sweep's VALUE_BEFORE_KEY)."""
     assert get_method("fedpm")(RunConfig()).theta_eps == 1e-3
     assert get_method("fedpm")(RunConfig(extra={"fedpm-theta-eps": 0.01})).theta_eps == 0.01
 

@@ -1,4 +1,5 @@
-"""Pieces several methods share: the update a client made, and 1-bit BatchNorm statistics."""
+"""Pieces several methods share: the update a client made, 1-bit BatchNorm statistics, and
+the fixed-step sign methods' common part (`FixedStepSigns`)."""
 
 from __future__ import annotations
 
