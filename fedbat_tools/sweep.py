@@ -357,6 +357,7 @@ def cell_status(cell: Cell, runs_dir: Path) -> str:
 VALUE_BEFORE_KEY = {
     "bn-payload": "binary",
     "downlink-bits": 32,
+    "fedpm-coding-model": "density",
     "fedpm-theta": "mean",
     "fedpm-theta-eps": 1e-3,
 }

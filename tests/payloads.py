@@ -179,12 +179,12 @@ def _fedbif(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return encode_fedbif_bits(SPEC, FEDBIF_BITS, [3], planes, signs, alphas)
 
 
-def _fedpm(rng: np.random.Generator, coded: bool) -> dict[str, np.ndarray]:
+def _fedpm(rng: np.random.Generator, coding: str) -> dict[str, np.ndarray]:
     masked, stats = fedpm_groups(SPEC)
     masks = {t.name: rng.random(t.shape) < rng.uniform(0.2, 0.8) for t in masked}
     signs = {t.name: rng.random(t.shape) < 0.5 for t in stats}
     alphas = {t.name: float(rng.uniform(0, 1.0)) for t in stats}
-    return encode_fedpm_mask(SPEC, masks, signs, alphas, coded=coded)
+    return encode_fedpm_mask(SPEC, masks, signs, alphas, coding=coding)
 
 
 VALID: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
@@ -195,8 +195,8 @@ VALID: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "sparse": _sparse,
     "binary-weights": _binary,
     "fedbif-bits": _fedbif,
-    "fedpm-mask": lambda rng: _fedpm(rng, coded=False),
-    "fedpm-coded": lambda rng: _fedpm(rng, coded=True),
+    "fedpm-mask": lambda rng: _fedpm(rng, coding="packed"),
+    "fedpm-coded": lambda rng: _fedpm(rng, coding="density"),
 }
 
 

@@ -1,4 +1,5 @@
-"""FedPM: Bayesian aggregation by hand, the mask codecs (packed and range-coded), one round."""
+"""FedPM: Bayesian aggregation by hand, the mask codecs (packed, range-coded, coded against
+theta), one round."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ from fedbat_flwr.wire import (
     payload_nbytes,
 )
 from fedbat_flwr.wire.fedpm import (
+    FEDPM_MASK_ID,
+    FEDPM_THETA_CODED_ID,
+    THETA_CLIP,
     encode_fedpm_mask,
     encode_fedpm_probs,
     validate_fedpm_coded,
@@ -57,13 +61,13 @@ REFERENCE = {
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def uplink(mask: list[int], sign: bool = True, step: float = 0.0, *, coded: bool = False):
+def uplink(mask: list[int], sign: bool = True, step: float = 0.0, *, coding: str = "packed"):
     payload = encode_fedpm_mask(
         SPEC,
         {"conv.weight": np.array([mask], bool)},
         {"bn.running_var": np.full(2, sign)},
         {"bn.running_var": step},
-        coded=coded,
+        coding=coding,
     )
     return decode_payload("fedpm-mask", record_to_payload(payload_to_record(payload)), SPEC, BOUNDS)
 
@@ -172,9 +176,9 @@ def test_evaluated_model_is_reference_times_a_mask_from_theta() -> None:
     size=st.integers(1, 300),
     density=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**16),
-    coded=st.booleans(),
+    coding=st.sampled_from(["packed", "density", "theta"]),
 )
-def test_mask_codec_round_trip(size: int, density: float, seed: int, coded: bool) -> None:
+def test_mask_codec_round_trip(size: int, density: float, seed: int, coding: str) -> None:
     spec = ModelSpec(
         (TensorSpec("a.weight", (size, 1)), TensorSpec("b.weight", (3, 2)),
          TensorSpec("bn.running_mean", (2,), kind="stat"))
@@ -182,10 +186,13 @@ def test_mask_codec_round_trip(size: int, density: float, seed: int, coded: bool
     rng = np.random.default_rng(seed)
     masks = {"a.weight": rng.random((size, 1)) < density, "b.weight": np.ones((3, 2), bool)}
     signs = {"bn.running_mean": rng.random(2) < 0.5}
-    payload = encode_fedpm_mask(spec, masks, signs, {"bn.running_mean": 0.5}, coded=coded)
+    theta = {name: np.float32(rng.random(m.shape) < 0.5) for name, m in masks.items()}
+    payload = encode_fedpm_mask(
+        spec, masks, signs, {"bn.running_mean": 0.5}, coding=coding, theta=theta
+    )
     decoded = decode_payload(
         "fedpm-mask", record_to_payload(payload_to_record(payload)), spec, BOUNDS
-    )
+    ).resolved(theta)
     for name, mask in masks.items():
         np.testing.assert_array_equal(decoded.view.mask(name), mask.reshape(-1))
     delta = decoded.delta()
@@ -201,7 +208,9 @@ def test_range_coding_beats_packing_on_sparse_masks() -> None:
     for density in (0.05, 0.5):
         masks = {"w.weight": rng.random((200, 500)) < density}
         for coded in (False, True):
-            payload = encode_fedpm_mask(spec, masks, {}, {}, coded=coded)
+            payload = encode_fedpm_mask(
+                spec, masks, {}, {}, coding="density" if coded else "packed"
+            )
             wire[density, coded] = 8 * wire_bytes(payload_to_record(payload)) / 100_000
             data[density, coded] = 8 * payload_nbytes(payload) / 100_000
     entropy = -(0.05 * math.log2(0.05) + 0.95 * math.log2(0.95))  # 0.286 bit
@@ -211,10 +220,87 @@ def test_range_coding_beats_packing_on_sparse_masks() -> None:
     assert data[0.5, True] < 1.002 * data[0.5, False]  # about as packing when dense
 
 
+def _decided_theta(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """theta as after rounds of agreement: 80 % of entries exactly 0 or 1, the rest uniform."""
+    decided = np.float32(rng.random(shape) < 0.5)
+    return np.where(rng.random(shape) < 0.8, decided, rng.random(shape)).astype(np.float32)
+
+
+def test_coding_against_theta_costs_the_masks_cross_entropy() -> None:
+    """Codec 21 codes entry i as Bernoulli(clip(theta_i)): a mask drawn from theta costs its
+    cross-entropy, far below H(density) = 1 bit when most entries are decided; a theta that
+    says nothing (1/2 everywhere) would cost more than packing, so the packed layout goes."""
+    spec = ModelSpec((TensorSpec("w.weight", (200, 500)),))
+    rng = np.random.default_rng(0)
+    theta = _decided_theta(rng, (200, 500))
+    mask = rng.random((200, 500)) < theta
+    p = np.clip(theta.astype(np.float64), THETA_CLIP, 1 - THETA_CLIP)
+    cross_entropy = -np.where(mask, np.log2(p), np.log2(1 - p)).mean()
+    bits = {}
+    for coding in ("density", "theta"):
+        payload = encode_fedpm_mask(spec, {"w.weight": mask}, {}, {}, coding=coding,
+                                    theta={"w.weight": theta})  # fmt: skip
+        bits[coding] = 8 * payload["code"].nbytes / 100_000
+    assert bits["theta"] == pytest.approx(cross_entropy, rel=0.01)
+    assert bits["theta"] < 0.2 * bits["density"]
+    uniform = {"w.weight": np.full((200, 500), 0.5, np.float32)}
+    packed = encode_fedpm_mask(spec, {"w.weight": mask}, {}, {}, coding="theta", theta=uniform)
+    assert int(packed["header"][2]) == FEDPM_MASK_ID
+
+
+def test_theta_coded_reply_decodes_only_against_the_theta_sent() -> None:
+    """The server part decodes codec 21 with the theta of its own downlink: a reply coded
+    against another theta is rejected; an unresolved reply refuses to be summed."""
+    spec = ModelSpec((TensorSpec("w.weight", (40, 50)), TensorSpec("bn.running_var", (2,),
+                      kind="stat", domain="log")))  # fmt: skip
+    reference = {
+        "w.weight": np.ones((40, 50), np.float32),
+        "bn.running_var": np.ones(2, np.float32),
+    }
+    rng = np.random.default_rng(3)
+    part = FedPMPart(spec, reference, prior_reset=1, seed=0)
+    glob = {**part.initial(reference), "w.weight": _decided_theta(rng, (40, 50))}
+    sent = validate_fedpm_probs(part.payload(glob, 1), spec).theta
+    mask = rng.random((40, 50)) < sent["w.weight"]
+
+    def reply(theta: np.ndarray):
+        payload = encode_fedpm_mask(
+            spec, {"w.weight": mask}, {"bn.running_var": np.ones(2, bool)},
+            {"bn.running_var": 0.0}, coding="theta", theta={"w.weight": theta},
+        )  # fmt: skip
+        assert int(payload["header"][2]) == FEDPM_THETA_CODED_ID
+        return decode_payload("fedpm-mask", payload, spec, BOUNDS)
+
+    honest = reply(sent["w.weight"])
+    with pytest.raises(ValueError, match="resolved"):
+        honest.delta()
+    part.check(honest, 1)
+    new = part.aggregate(glob, [(10, honest)], 1)
+    np.testing.assert_array_equal(new["w.weight"], mask)  # mode of Beta(1, 1) + one mask
+    with pytest.raises(PayloadError) as info:  # coded against the mask itself as theta
+        part.check(reply(np.float32(mask)), 1)
+    assert info.value.field == "code"
+
+
+def test_theta_coded_counts_are_bounded_by_the_clip() -> None:
+    """A codec-21 tensor may cost up to 10 bits an entry (the clip), not more."""
+    spec = ModelSpec((TensorSpec("w.weight", (40, 50)),))
+    rng = np.random.default_rng(2)
+    theta = {"w.weight": _decided_theta(rng, (40, 50))}
+    mask = {"w.weight": rng.random((40, 50)) < theta["w.weight"]}
+    payload = encode_fedpm_mask(spec, mask, {}, {}, coding="theta", theta=theta)
+    payload["counts"][1, 0] = 2000 * 10 // 32 + 17
+    with pytest.raises(PayloadError, match="code words=642") as info:
+        validate_fedpm_coded(payload, spec, BOUNDS)
+    assert info.value.field == "counts"
+
+
 def _coded() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(1)
     spec = ModelSpec((TensorSpec("w.weight", (40, 50)),))
-    return encode_fedpm_mask(spec, {"w.weight": rng.random((40, 50)) < 0.1}, {}, {}, coded=True)
+    return encode_fedpm_mask(
+        spec, {"w.weight": rng.random((40, 50)) < 0.1}, {}, {}, coding="density"
+    )
 
 
 CODED_SPEC = ModelSpec((TensorSpec("w.weight", (40, 50)),))
@@ -277,17 +363,27 @@ def test_reference_network_is_seeded_signed_constants() -> None:
     )
 
 
-@pytest.mark.parametrize("coded", [False, True])
-def test_client_round_sends_a_mask_the_rule_aggregates(coded: bool) -> None:
-    config = RunConfig(
-        method="fedpm", local_epochs=2, extra={"fedpm-entropy-coding": coded, "fedpm-reg": 0.5}
-    )
+@pytest.mark.parametrize(
+    ("coding", "extra", "codec_id"),
+    [
+        ("packed", {}, 19),
+        ("density", {"fedpm-entropy-coding": True}, 20),
+        ("theta", {"fedpm-entropy-coding": True, "fedpm-coding-model": "theta"}, 21),
+    ],
+)
+def test_client_round_sends_a_mask_the_rule_aggregates(
+    coding: str, extra: dict[str, object], codec_id: int
+) -> None:
+    config = RunConfig(method="fedpm", local_epochs=2, extra={**extra, "fedpm-reg": 0.5})
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 256, bias=False), nn.BatchNorm1d(256))
     spec = model_spec(model)
     reference = state_arrays(model)
     part = FedPMPart(spec, reference, prior_reset=1, seed=0)
-    glob = part.initial(reference)
+    glob = {
+        **part.initial(reference),
+        "1.weight": _decided_theta(np.random.default_rng(4), (256, 4)),
+    }
     down = record_to_payload(payload_to_record(part.payload(glob, 1)))
     method = get_method("fedpm")(config)
     state: dict[str, np.ndarray] = {}
@@ -299,13 +395,15 @@ def test_client_round_sends_a_mask_the_rule_aggregates(coded: bool) -> None:
         model, global_state, spec, TensorBatches(x, y, 8, gen), config, CPU, 5, 1, state, down
     )
     update = method.train(task)
-    assert int(update.payload["header"][2]) == (20 if coded else 19)
+    assert int(update.payload["header"][2]) == codec_id
     decoded = decode_payload("fedpm-mask", update.payload, spec, BOUNDS)
     part.check(decoded, 1)
     assert 0.0 <= update.metrics["mask-density"] <= 1.0
     new = part.aggregate(glob, [(32, decoded)], 1)
-    mask = decoded.view.mask("1.weight").reshape(3, 4)
+    mask = decoded.resolved(part.sent_theta).view.mask("1.weight").reshape(256, 4)
     np.testing.assert_allclose(new["1.weight"], mask)  # mode of Beta(1, 1) + one mask
+    decided = np.isin(glob["1.weight"], (0.0, 1.0))
+    assert (mask[decided] == glob["1.weight"][decided]).mean() > 0.95  # 8 Adam steps from +-6.9
     assert all(p.requires_grad for p in task.model.parameters())  # the model is left as found
     assert not any("parametrizations" in k for k in task.model.state_dict())
 
@@ -318,6 +416,7 @@ def test_client_round_sends_a_mask_the_rule_aggregates(coded: bool) -> None:
         ("fedpm-prior-reset", 0),
         ("fedpm-entropy-coding", 1),
         ("fedpm-theta", "median"),
+        ("fedpm-coding-model", "huffman"),
         ("fedpm-theta-eps", 0.0),
         ("fedpm-theta-eps", 0.5),
     ],
@@ -325,3 +424,10 @@ def test_client_round_sends_a_mask_the_rule_aggregates(coded: bool) -> None:
 def test_bad_options_name_the_key(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):
         get_method("fedpm")(RunConfig(extra={key: value}))
+
+
+def test_coding_against_theta_needs_entropy_coding() -> None:
+    with pytest.raises(ConfigError, match="'fedpm-coding-model' = 'theta' needs"):
+        get_method("fedpm")(RunConfig(extra={"fedpm-coding-model": "theta"}))
+    on = {"fedpm-coding-model": "theta", "fedpm-entropy-coding": True}
+    assert get_method("fedpm")(RunConfig(extra=on)).coding == "theta"

@@ -154,7 +154,7 @@ def _fedpm_payload() -> dict[str, np.ndarray]:
     masked, stats = fedpm_groups(SPEC)
     masks = {t.name: np.ones(t.shape, bool) for t in masked}
     signs = {t.name: np.ones(t.shape, bool) for t in stats}
-    return encode_fedpm_mask(SPEC, masks, signs, dict.fromkeys(signs, 0.1), coded=False)
+    return encode_fedpm_mask(SPEC, masks, signs, dict.fromkeys(signs, 0.1), coding="packed")
 
 
 FEDPM_HEADERS = {

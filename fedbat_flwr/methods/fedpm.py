@@ -9,7 +9,10 @@ and the straight-through gradient d m / d theta = 1. Scores are trained with Ada
 0.1 as in the authors' code), initialised from the received theta.
 
 Uplink: one mask sampled from the final theta, 1 bit per weight (`wire.fedpm`), or range-coded
-below 1 bit when the mask is sparse (`fedpm-entropy-coding = true`). Optional regulariser
+(`fedpm-entropy-coding = true`): under each tensor's own density (`fedpm-coding-model =
+"density"`, the default: below 1 bit when the mask is sparse), or against the theta the client
+received (`"theta"`: the server sent that theta, so entries every client agreed on cost almost
+nothing and a mask costs about the entropy of theta). Optional regulariser
 (`fedpm-reg`, default 0 = plain FedPM): ``reg * mean(theta)``, the expected density of the sent
 mask, a differentiable proxy of its entropy while the density is below 1/2 -- it pushes masks
 sparse, which the range coder turns into fewer bits.
@@ -68,6 +71,7 @@ from .base import ClientUpdate, LocalTask, Method, register
 from .common import option, parametrized_by_name, update_signs
 
 THETA_RULES = ("mode", "mean")  # `fedpm-theta`: the server's point estimate of the Beta posterior
+CODING_MODELS = ("density", "theta")  # `fedpm-coding-model`: what the range coder codes against
 
 
 @lru_cache(maxsize=4)
@@ -140,6 +144,7 @@ class FedPM(Method):
         "fedpm-lr",
         "fedpm-reg",
         "fedpm-entropy-coding",
+        "fedpm-coding-model",
         "fedpm-prior-reset",
         "fedpm-theta",
         "fedpm-theta-eps",
@@ -152,7 +157,7 @@ class FedPM(Method):
         finite_pos = "a finite float > 0"
         self.lr = option(config, "fedpm-lr", 0.1, lambda v: math.isfinite(v) and v > 0, finite_pos)
         self.reg = option(config, "fedpm-reg", 0.0, lambda v: math.isfinite(v) and v >= 0, ">= 0")
-        self.coded = option(config, "fedpm-entropy-coding", False, lambda v: True, "true, false")
+        self.coding = uplink_coding(config)
         self.reset = prior_reset(config)
         self.theta_rule = theta_rule(config)
         self.theta_eps = option(
@@ -196,7 +201,7 @@ class FedPM(Method):
             masks[name] = torch.bernoulli(probs, generator=generator).bool().cpu().numpy()
         for p in task.model.parameters():
             p.requires_grad_(True)
-        payload = self._encode(task, masks)
+        payload = self._encode(task, masks, theta)
         density = sum(int(m.sum()) for m in masks.values()) / max(
             sum(m.size for m in masks.values()), 1
         )
@@ -204,10 +209,30 @@ class FedPM(Method):
             payload, task.batches.num_examples, {"train-loss": loss, "mask-density": density}
         )
 
-    def _encode(self, task: LocalTask, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _encode(
+        self, task: LocalTask, masks: dict[str, np.ndarray], theta: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
         _, stats = fedpm_groups(task.spec)
         signs, alphas = update_signs(task, stats)
-        return encode_fedpm_mask(task.spec, masks, signs, alphas, coded=self.coded)
+        return encode_fedpm_mask(task.spec, masks, signs, alphas, coding=self.coding, theta=theta)
+
+
+def uplink_coding(config: RunConfig) -> str:
+    """The uplink layout (`wire.fedpm.CODINGS`) from `fedpm-entropy-coding` and
+    `fedpm-coding-model`; a coding model without entropy coding is a contradiction."""
+    coded = option(config, "fedpm-entropy-coding", False, lambda v: True, "true, false")
+    model = config.get("fedpm-coding-model", "density")
+    if model not in CODING_MODELS:
+        allowed = ", ".join(repr(m) for m in CODING_MODELS)
+        raise ConfigError(
+            f"run-config 'fedpm-coding-model' = {model!r} is not allowed; allowed: {allowed}"
+        )
+    if model != "density" and not coded:
+        raise ConfigError(
+            f"run-config 'fedpm-coding-model' = {model!r} needs 'fedpm-entropy-coding' = true "
+            "(packed masks are not coded against anything)"
+        )
+    return model if coded else "packed"
 
 
 def _score(theta: np.ndarray, eps: float, device: torch.device) -> torch.Tensor:
@@ -274,6 +299,7 @@ class FedPMPart(OwnServerPart):
         self.b = {t.name: np.full(t.shape, prior, np.float32) for t in self.masked}
         rng = np.random.default_rng([seed, 0xF3D])  # the run's fixed uniforms for evaluation
         self.uniforms = {t.name: rng.random(t.shape, dtype=np.float32) for t in self.masked}
+        self.sent_theta: dict[str, np.ndarray] | None = None  # this round's, as clients read it
 
     def initial(self, model_arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """theta = 1/2 everywhere; everything else from the reference network."""
@@ -287,10 +313,20 @@ class FedPMPart(OwnServerPart):
         """theta as float16 and the running statistics: what every client starts from."""
         theta = {t.name: global_arrays[t.name] for t in self.masked}
         stats = {t.name: global_arrays[t.name] for t in self.stats}
-        return encode_fedpm_probs(self.spec, theta, stats)
+        payload = encode_fedpm_probs(self.spec, theta, stats)
+        self.sent_theta = validate_fedpm_probs(payload, self.spec).theta
+        return payload
 
     def check(self, decoded: Decoded, server_round: int) -> None:
+        """A fedpm-mask reply whose masks decode (against the theta sent, if so coded)."""
         expect(isinstance(decoded, FedPMDecoded), "payload", "not a fedpm-mask payload")
+        if decoded.needs_theta:  # type: ignore[attr-defined]
+            decoded.resolved(self._theta_sent())  # type: ignore[attr-defined]
+
+    def _theta_sent(self) -> dict[str, np.ndarray]:
+        if self.sent_theta is None:
+            raise RuntimeError("FedPM: a reply came before any downlink was built")
+        return self.sent_theta
 
     def aggregate(
         self,
@@ -301,19 +337,19 @@ class FedPMPart(OwnServerPart):
         if (server_round - 1) % self.prior_reset == 0:
             self.reset_prior()
         ones = {t.name: np.zeros(t.shape, np.float32) for t in self.masked}
+        sent = validate_fedpm_probs(self.payload(global_arrays, server_round), self.spec)
         for _, decoded in accepted:
-            decoded.add_masks(ones, 1.0)  # type: ignore[attr-defined]
+            decoded.resolved(sent.theta).add_masks(ones, 1.0)  # type: ignore[attr-defined]
         new = dict(global_arrays)
         for t in self.masked:
             self.a[t.name] += ones[t.name]
             self.b[t.name] += len(accepted) - ones[t.name]
             new[t.name] = posterior_theta(self.a[t.name], self.b[t.name], self.theta_rule)
-        sent = validate_fedpm_probs(self.payload(global_arrays, server_round), self.spec).stats
         acc = {t.name: np.zeros(t.shape, np.float32) for t in self.stats}
         for weight, (_, decoded) in zip(weights_of(accepted), accepted, strict=True):
             decoded.add_stats(acc, weight)  # type: ignore[attr-defined]
         stat_spec = self.stats
-        new.update(stat_spec.apply(sent, acc))
+        new.update(stat_spec.apply(sent.stats, acc))
         return {k: np.asarray(v, np.float32) for k, v in new.items()}
 
     def reset_prior(self) -> None:

@@ -43,6 +43,16 @@ signs    uint8   (S,)    as in the packed layout
 alphas   float32 (Ls,)   as in the packed layout
 ======== ======= ======= ===============================================================
 
+Uplink, range-coded against theta (codec id 21, version 1) -- the fields of codec 20, but each
+entry is coded as Bernoulli(theta_i), theta being the probabilities of this round's downlink
+(both sides hold them: the client trained from them, the server sent them), clipped into
+[THETA_CLIP, 1 - THETA_CLIP] so a surprise costs at most 10 bits. The cost is the mask's
+cross-entropy against theta: ~0 bits where the clients agree (theta at 0 or 1) and ~H(theta_i)
+elsewhere, so a mask costs what is new in it rather than H(density). Row 1 of ``counts`` is
+<= d * 10 / 32 + 16 words; a client whose code would outgrow the packed layout sends that
+instead. Decoding needs theta, so the wire checks the layout (`validate_fedpm_coded`) and the
+server part decodes (`FedPMDecoded.resolved(theta)`) before it counts the reply.
+
 A code that does not decode, or decodes to a mask with another number of ones, is rejected.
 The decoded "update" of a masked tensor is the mask itself (0/1), of a statistic
 ``alpha * (±1)``: only the FedPM server rule combines them (Beta counts, averaged stats).
@@ -84,8 +94,12 @@ from fedbat_flwr.wire.spec import AlphaBounds, ModelSpec
 FEDPM_PROBS_ID = 18
 FEDPM_MASK_ID = 19
 FEDPM_CODED_ID = 20
+FEDPM_THETA_CODED_ID = 21
 FEDPM_VERSION = 1
 SLACK_WORDS = 16  # code words allowed beyond d/32 (termination + probability rounding)
+THETA_CLIP = 2.0**-10  # codec 21's probabilities lie in [clip, 1 - clip]: <= 10 bits a surprise
+THETA_MAX_BITS = 10  # = -log2(THETA_CLIP), the most one entry can cost under codec 21
+CODINGS = ("packed", "density", "theta")  # uplink layouts: codec 19, 20, 21
 _U8, _U32 = np.dtype(np.uint8), np.dtype(np.uint32)
 PROBS_LAYOUT = {
     "header": (_U8, 1),
@@ -179,10 +193,17 @@ def encode_fedpm_mask(
     signs: Mapping[str, np.ndarray],
     alphas: Mapping[str, float],
     *,
-    coded: bool,
+    coding: str = "packed",
+    theta: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """A client's sampled masks (bool, tensor shapes) and its statistics' 1-bit updates;
-    ``coded`` selects the range-coded layout instead of the packed one."""
+    """A client's sampled masks (bool, tensor shapes) and its statistics' 1-bit updates.
+
+    ``coding`` picks the layout: "packed" (1 bit an entry), "density" (range-coded under each
+    tensor's own frequency of ones) or "theta" (range-coded against the received ``theta``;
+    the packed layout instead if that would be smaller).
+    """
+    if coding not in CODINGS:
+        raise ValueError(f"coding={coding!r} is not allowed; allowed: {', '.join(CODINGS)}")
     masked, stat_spec = fedpm_groups(spec)
     check_names(masks, masked, "masks")
     flat = []
@@ -194,14 +215,28 @@ def encode_fedpm_mask(
             )
         flat.append(m.reshape(-1))
     tail = encode_sign_part(stat_spec, signs, alphas)
-    if not coded:
-        packed = [np.packbits(m, bitorder="little") for m in flat]
-        masks_bytes = np.concatenate([np.zeros(0, np.uint8), *packed])
-        return {"header": make_header(FEDPM_MASK_ID, FEDPM_VERSION), "masks": masks_bytes, **tail}
+    packed = [np.packbits(m, bitorder="little") for m in flat]
+    packed_layout = {
+        "header": make_header(FEDPM_MASK_ID, FEDPM_VERSION),
+        "masks": np.concatenate([np.zeros(0, np.uint8), *packed]),
+        **tail,
+    }
+    if coding == "packed":
+        return packed_layout
     ones = [int(m.sum()) for m in flat]
-    codes = [range_encode(m, k) for m, k in zip(flat, ones, strict=True)]
+    if coding == "density":
+        codec_id = FEDPM_CODED_ID
+        codes = [range_encode(m, k) for m, k in zip(flat, ones, strict=True)]
+    else:
+        if theta is None:
+            raise ValueError("coding='theta' needs the received theta")
+        check_names(theta, masked, "theta")
+        codec_id = FEDPM_THETA_CODED_ID
+        codes = [theta_encode(m, theta[t.name]) for t, m in zip(masked, flat, strict=True)]
+        if 4 * sum(c.size for c in codes) >= sum(p.size for p in packed):
+            return packed_layout
     return {
-        "header": make_header(FEDPM_CODED_ID, FEDPM_VERSION),
+        "header": make_header(codec_id, FEDPM_VERSION),
         "counts": np.array([ones, [c.size for c in codes]], dtype=np.uint32).reshape(2, len(flat)),
         "code": np.concatenate([np.zeros(0, np.uint32), *codes]),
         **tail,
@@ -220,36 +255,71 @@ def validate_fedpm_mask(
     return FedPMMask(spec, masks, _validate_stats(payload, spec, bounds))
 
 
+@dataclass(frozen=True, eq=False)
+class FedPMThetaCoded:
+    """A structurally valid codec-21 uplink: each masked tensor's ones and code, undecoded until
+    the server supplies the theta it sent (`decode`)."""
+
+    spec: ModelSpec
+    ones: dict[str, int]
+    codes: dict[str, np.ndarray]
+    signs: SignsPayload
+
+    def decode(self, theta: Mapping[str, np.ndarray]) -> FedPMMask:
+        """The masks, decoded against ``theta``; PayloadError if a code is not a mask's."""
+        masks = {}
+        for name, words in self.codes.items():
+            size = self.spec[name].size
+            mask = theta_decode(words, self.ones[name], np.reshape(theta[name], size), name)
+            masks[name] = read_only_copy(np.packbits(mask, bitorder="little"))
+        return FedPMMask(self.spec, masks, self.signs)
+
+
 def validate_fedpm_coded(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
-) -> FedPMMask:
-    """Check and decode a range-coded uplink; raise PayloadError if bad."""
+) -> FedPMMask | FedPMThetaCoded:
+    """Check a range-coded uplink (codec 20 or 21) and decode it if it can be decoded alone
+    (codec 20); raise PayloadError if bad."""
     check_fields(payload, CODED_LAYOUT)
-    check_header(payload["header"], FEDPM_CODED_ID, FEDPM_VERSION, "fedpm coded mask")
+    against_theta = declared_codec(payload) == FEDPM_THETA_CODED_ID
+    codec_id = FEDPM_THETA_CODED_ID if against_theta else FEDPM_CODED_ID
+    check_header(payload["header"], codec_id, FEDPM_VERSION, "fedpm coded mask")
     masked, _ = fedpm_groups(spec)
     counts = payload["counts"]
     if counts.shape != (2, len(masked)):
         raise PayloadError(None, "counts", f"shape={counts.shape} (allowed: (2, {len(masked)}))")
     ones, words = counts[0].astype(np.int64), counts[1].astype(np.int64)
     for t, k, w in zip(masked, ones, words, strict=True):
-        _check_counts(t.name, t.size, int(k), int(w))
+        _check_counts(t.name, t.size, int(k), int(w), against_theta)
     code = payload["code"]
     check_length(code, int(words.sum()), "code", "the sum of counts[1]")
     pieces = split_by(code, words.tolist())
+    signs = _validate_stats(payload, spec, bounds)
+    if against_theta:
+        return FedPMThetaCoded(
+            spec,
+            {t.name: int(k) for t, k in zip(masked, ones, strict=True)},
+            {t.name: read_only_copy(p) for t, p in zip(masked, pieces, strict=True)},
+            signs,
+        )
     masks = {}
     for t, k, piece in zip(masked, ones, pieces, strict=True):
         mask = range_decode(piece, int(k), t.size, t.name)
         masks[t.name] = read_only_copy(np.packbits(mask, bitorder="little"))
-    return FedPMMask(spec, masks, _validate_stats(payload, spec, bounds))
+    return FedPMMask(spec, masks, signs)
 
 
-def _check_counts(name: str, size: int, ones: int, words: int) -> None:
+def _check_counts(name: str, size: int, ones: int, words: int, against_theta: bool) -> None:
     if ones > size:
         raise PayloadError(name, "counts", f"ones={ones} (allowed: <= d = {size})")
-    constant = ones in (0, size)
-    limit = 0 if constant else size // 32 + SLACK_WORDS
-    if words > limit:
+    if against_theta:
+        limit = -(-size * THETA_MAX_BITS // 32) + SLACK_WORDS
+        rule = f"<= d * {THETA_MAX_BITS} / 32 + {SLACK_WORDS} = {limit}"
+    else:
+        constant = ones in (0, size)
+        limit = 0 if constant else size // 32 + SLACK_WORDS
         rule = "0 for a constant mask" if constant else f"<= d/32 + {SLACK_WORDS} = {limit}"
+    if words > limit:
         raise PayloadError(name, "counts", f"code words={words} (allowed: {rule})")
 
 
@@ -297,22 +367,74 @@ def range_decode(words: np.ndarray, ones: int, size: int, name: str) -> np.ndarr
     return mask
 
 
+def _theta_model(theta: np.ndarray) -> np.ndarray:
+    """codec 21's per-entry probabilities of a one: theta (float32 as received), clipped."""
+    flat = np.asarray(theta, np.float64).reshape(-1)
+    return np.clip(flat, THETA_CLIP, 1.0 - THETA_CLIP)
+
+
+def theta_encode(mask: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """A flat bool mask as range-coder words, entry i coded as Bernoulli(theta_i)."""
+    import constriction
+
+    encoder = constriction.stream.queue.RangeEncoder()
+    model = constriction.stream.model.Bernoulli(perfect=False)
+    encoder.encode(mask.astype(np.int32), model, _theta_model(theta))
+    return np.asarray(encoder.get_compressed(), dtype=np.uint32)
+
+
+def theta_decode(words: np.ndarray, ones: int, theta: np.ndarray, name: str) -> np.ndarray:
+    """The flat bool mask ``theta_encode`` coded; PayloadError if the words are not one."""
+    import constriction
+
+    try:
+        decoder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, np.uint32))
+        model = constriction.stream.model.Bernoulli(perfect=False)
+        mask = np.asarray(decoder.decode(model, _theta_model(theta))).astype(bool)
+    except Exception as exc:  # constriction reports invalid data as AssertionError
+        raise PayloadError(name, "code", f"not a valid range code: {exc}") from None
+    if int(mask.sum()) != ones:
+        raise PayloadError(name, "code", f"decodes to {int(mask.sum())} ones (counts say {ones})")
+    return mask
+
+
 # --- the Decoded --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class FedPMDecoded:
-    """The wire ``Decoded`` of an uplink (see the module docstring for what the update is)."""
+    """The wire ``Decoded`` of an uplink (see the module docstring for what the update is).
 
-    view: FedPMMask
+    A codec-21 reply holds its masks coded against theta: ``resolved(theta)`` decodes them, and
+    only a resolved reply adds itself to an accumulator.
+    """
+
+    view: FedPMMask | FedPMThetaCoded
     absolute: ClassVar[bool] = False
+
+    @property
+    def needs_theta(self) -> bool:
+        return not isinstance(self.view, FedPMMask)
+
+    def resolved(self, theta: Mapping[str, np.ndarray]) -> FedPMDecoded:
+        """This reply with its masks decoded against ``theta`` (PayloadError if they do not
+        decode); itself if its masks travelled decodable alone."""
+        if isinstance(self.view, FedPMMask):
+            return self
+        return FedPMDecoded(self.view.decode(theta))
+
+    def _masks(self) -> FedPMMask:
+        if not isinstance(self.view, FedPMMask):
+            raise ValueError("masks coded against theta: call resolved(theta) first")
+        return self.view
 
     def add_masks(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
         """In place ``acc[name] += weight * mask`` for every masked tensor."""
         check_weight(weight)
         w = np.float32(weight)
-        for name in self.view.masks:
-            flat_target(acc, self.view.spec[name])[:] += w * self.view.mask(name)
+        view = self._masks()
+        for name in view.masks:
+            flat_target(acc, view.spec[name])[:] += w * view.mask(name)
 
     def add_stats(self, acc: MutableMapping[str, np.ndarray], weight: float) -> None:
         """In place ``acc[name] += weight * alpha * (±1)`` for every statistic."""
@@ -329,12 +451,11 @@ class FedPMDecoded:
 def decode_fedpm(
     payload: Mapping[str, np.ndarray], spec: ModelSpec, bounds: AlphaBounds
 ) -> FedPMDecoded:
-    """The ``fedpm-mask`` kind (registered in ``codecs.py``): either uplink layout, told apart
-    by the header's codec id (`fedpm-entropy-coding` is a client-side choice; the server reads
-    both)."""
+    """The ``fedpm-mask`` kind (registered in ``codecs.py``): any uplink layout, told apart by
+    the header's codec id (the coding is a client-side choice; the server reads all three)."""
     view = (
         validate_fedpm_coded(payload, spec, bounds)
-        if declared_codec(payload) == FEDPM_CODED_ID
+        if declared_codec(payload) in (FEDPM_CODED_ID, FEDPM_THETA_CODED_ID)
         else validate_fedpm_mask(payload, spec, bounds)
     )
     return FedPMDecoded(view)
