@@ -29,7 +29,7 @@ from fedbat_flwr.wire import (
 )
 from fedbat_flwr.wire.binary import split_spec
 from fedbat_flwr.wire.fedbif import encode_fedbif_bits
-from fedbat_flwr.wire.fedpm import encode_fedpm_mask, fedpm_groups
+from fedbat_flwr.wire.fedpm import encode_fedpm_mask, fedpm_groups, validate_fedpm_probs
 from fedbat_flwr.wire.kbit import packed_nbytes
 from fedbat_flwr.wire.sparse import BITMAP
 
@@ -50,11 +50,13 @@ KBIT_BITS = 4
 # Kinds the default server part aggregates (FedBiF / FedPM kinds need their method's own part).
 KINDS = ("signs", "signs-unbounded", "dense", "kbit", "sparse", "binary-weights")
 SIGN_KINDS = ("signs", "signs-unbounded")
-# Kinds with a server part of their own (`make_strategy` builds it); "fedpm-coded" is FedPM's
-# range-coded layout of the same payload kind, "fedpm-mask".
-RULE_KINDS = ("fedbif-bits", "fedpm-mask", "fedpm-coded")
+# Kinds with a server part of their own (`make_strategy` builds it); "fedpm-coded" and
+# "fedpm-theta-coded" are FedPM's range-coded layouts (codecs 20, 21) of its payload kind,
+# "fedpm-mask".
+FEDPM_KINDS = ("fedpm-mask", "fedpm-coded", "fedpm-theta-coded")
+RULE_KINDS = ("fedbif-bits", *FEDPM_KINDS)
 ALL_KINDS = KINDS + RULE_KINDS
-PAYLOAD_KIND = {"fedpm-coded": "fedpm-mask"}
+PAYLOAD_KIND = {kind: "fedpm-mask" for kind in FEDPM_KINDS}
 FEDBIF_BITS = 4
 # Float fields whose entries must be >= 0 (a step size or a scale), per kind.
 NONNEG_FIELDS = {
@@ -63,8 +65,7 @@ NONNEG_FIELDS = {
     "kbit": ("scales",),
     "binary-weights": ("alphas",),
     "fedbif-bits": ("alphas",),
-    "fedpm-mask": ("alphas",),
-    "fedpm-coded": ("alphas",),
+    **{kind: ("alphas",) for kind in FEDPM_KINDS},
 }
 
 
@@ -98,6 +99,7 @@ def make_strategy(
         **kwargs,
     )
     strategy.global_arrays = part.initial(global_arrays(seed))
+    part.downlink(strategy.global_arrays, 1)  # as `configure_train` does before any reply
     return strategy
 
 
@@ -109,7 +111,7 @@ def make_part(kind: str, seed: int = 0) -> ServerPart:
 
     if kind == "fedbif-bits":
         return FedBiFPart(SPEC, FEDBIF_BITS, 1, "cycle", seed=seed)
-    if kind in RULE_KINDS:
+    if kind in FEDPM_KINDS:
         return FedPMPart(SPEC, global_arrays(seed), 1, seed=seed)
     return ServerPart(SPEC)
 
@@ -179,12 +181,19 @@ def _fedbif(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return encode_fedbif_bits(SPEC, FEDBIF_BITS, [3], planes, signs, alphas)
 
 
+def fedpm_sent_theta(seed: int = 0) -> dict[str, np.ndarray]:
+    """The theta `make_strategy`'s FedPM part sends in round 1, as a client reads it."""
+    part = make_part("fedpm-mask", seed)
+    return validate_fedpm_probs(part.payload(part.initial(global_arrays(seed)), 1), SPEC).theta
+
+
 def _fedpm(rng: np.random.Generator, coding: str) -> dict[str, np.ndarray]:
     masked, stats = fedpm_groups(SPEC)
     masks = {t.name: rng.random(t.shape) < rng.uniform(0.2, 0.8) for t in masked}
     signs = {t.name: rng.random(t.shape) < 0.5 for t in stats}
     alphas = {t.name: float(rng.uniform(0, 1.0)) for t in stats}
-    return encode_fedpm_mask(SPEC, masks, signs, alphas, coding=coding)
+    theta = fedpm_sent_theta() if coding == "theta" else None
+    return encode_fedpm_mask(SPEC, masks, signs, alphas, coding=coding, theta=theta)
 
 
 VALID: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
@@ -197,6 +206,7 @@ VALID: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "fedbif-bits": _fedbif,
     "fedpm-mask": lambda rng: _fedpm(rng, coding="packed"),
     "fedpm-coded": lambda rng: _fedpm(rng, coding="density"),
+    "fedpm-theta-coded": lambda rng: _fedpm(rng, coding="theta"),
 }
 
 
@@ -229,7 +239,7 @@ def float_fields(kind: str, payload: dict[str, np.ndarray]) -> dict[str, list[Te
         }
     if kind == "fedbif-bits":
         return {"alphas": list(split_spec(SPEC)[1].tensors)}
-    if kind in ("fedpm-mask", "fedpm-coded"):
+    if kind in FEDPM_KINDS:
         return {"alphas": list(fedpm_groups(SPEC)[1].tensors)}
     return {t.name: [t] * t.size for t in SPEC}
 
@@ -276,12 +286,12 @@ def pad_bits(kind: str, payload: dict[str, np.ndarray]) -> list[tuple[str, int, 
         return _pad_positions("bits", [t.size for t in quantized]) + _pad_positions(
             "signs", [t.size for t in others]
         )
-    if kind in ("fedpm-mask", "fedpm-coded"):
+    if kind in FEDPM_KINDS:
         masked, stats = fedpm_groups(SPEC)
         signs = _pad_positions("signs", [t.size for t in stats])
         return (
             signs
-            if kind == "fedpm-coded"
+            if kind != "fedpm-mask"
             else _pad_positions("masks", [t.size for t in masked]) + signs
         )
     if kind == "sparse":

@@ -18,6 +18,7 @@ from fedbat_flwr.methods.fedpm import (
     FedPMPart,
     SampledMask,
     _score,
+    encode_masks,
     posterior_theta,
     reference_weights,
 )
@@ -243,9 +244,11 @@ def test_coding_against_theta_costs_the_masks_cross_entropy() -> None:
         bits[coding] = 8 * payload["code"].nbytes / 100_000
     assert bits["theta"] == pytest.approx(cross_entropy, rel=0.01)
     assert bits["theta"] < 0.2 * bits["density"]
-    uniform = {"w.weight": np.full((200, 500), 0.5, np.float32)}
-    packed = encode_fedpm_mask(spec, {"w.weight": mask}, {}, {}, coding="theta", theta=uniform)
-    assert int(packed["header"][2]) == FEDPM_MASK_ID
+    chosen = encode_masks(spec, {"w.weight": mask}, {}, {}, "theta", {"w.weight": theta})
+    assert int(chosen["header"][2]) == FEDPM_THETA_CODED_ID
+    uniform = {"w.weight": np.full((200, 500), 0.5, np.float32)}  # 1 bit an entry + framing
+    chosen = encode_masks(spec, {"w.weight": mask}, {}, {}, "theta", uniform)
+    assert int(chosen["header"][2]) == FEDPM_MASK_ID
 
 
 def test_theta_coded_reply_decodes_only_against_the_theta_sent() -> None:

@@ -45,11 +45,13 @@ from tests.payloads import (
     ALL_KINDS,
     BOUNDS,
     CAP,
+    FEDPM_KINDS,
     KINDS,
     PAYLOAD_KIND,
     RULE_KINDS,
     SIGN_KINDS,
     SPEC,
+    fedpm_sent_theta,
     float_fields,
     make_strategy,
     pad_bits,
@@ -362,13 +364,15 @@ def _bounded_change(kind: str, message: Message) -> None:
     one client can do to the model, whatever else it sent. Weights (dense, BiFL) are finite."""
     payload = record_to_payload(message.content["arrays"])
     decoded = decode_payload(PAYLOAD_KIND.get(kind, kind), payload, SPEC, BOUNDS)
+    if kind in FEDPM_KINDS:
+        decoded = decoded.resolved(fedpm_sent_theta())  # codec 21 decodes against it
     delta = decoded.delta()
     for t in SPEC:
         change = np.abs(delta[t.name].astype(np.float64))
         assert np.isfinite(change).all(), t.name
         if kind == "fedbif-bits" and t.name in decoded.view.planes:
             bound = float(sum(1 << i for i in decoded.view.active))  # sum of the active 2^i
-        elif kind in ("fedpm-mask", "fedpm-coded") and t.name in decoded.view.masks:
+        elif kind in FEDPM_KINDS and t.name in decoded.view.masks:
             bound = 1.0  # a mask entry: 0 or 1
         else:
             bound = step_bound(kind, "", t)

@@ -59,7 +59,7 @@ from ..server_part import OwnServerPart, ServerPart, expect, require_fedavg, wei
 from ..task import build_model_for, state_arrays
 from ..training import input_memory_format
 from ..training.loop import keep_strides  # channels_last
-from ..wire import Decoded, ModelSpec
+from ..wire import Decoded, ModelSpec, payload_nbytes
 from ..wire.fedpm import (
     FedPMDecoded,
     encode_fedpm_mask,
@@ -214,7 +214,24 @@ class FedPM(Method):
     ) -> dict[str, np.ndarray]:
         _, stats = fedpm_groups(task.spec)
         signs, alphas = update_signs(task, stats)
-        return encode_fedpm_mask(task.spec, masks, signs, alphas, coding=self.coding, theta=theta)
+        return encode_masks(task.spec, masks, signs, alphas, self.coding, theta)
+
+
+def encode_masks(
+    spec: ModelSpec,
+    masks: Mapping[str, np.ndarray],
+    signs: Mapping[str, np.ndarray],
+    alphas: Mapping[str, float],
+    coding: str,
+    theta: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """The uplink in ``coding``'s layout; coded against theta, the packed layout if that is
+    smaller (a theta that says little about the mask costs more than 1 bit an entry)."""
+    payload = encode_fedpm_mask(spec, masks, signs, alphas, coding=coding, theta=theta)
+    if coding != "theta":
+        return payload
+    packed = encode_fedpm_mask(spec, masks, signs, alphas, coding="packed")
+    return packed if payload_nbytes(packed) <= payload_nbytes(payload) else payload
 
 
 def uplink_coding(config: RunConfig) -> str:

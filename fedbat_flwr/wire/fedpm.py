@@ -49,8 +49,8 @@ entry is coded as Bernoulli(theta_i), theta being the probabilities of this roun
 [THETA_CLIP, 1 - THETA_CLIP] so a surprise costs at most 10 bits. The cost is the mask's
 cross-entropy against theta: ~0 bits where the clients agree (theta at 0 or 1) and ~H(theta_i)
 elsewhere, so a mask costs what is new in it rather than H(density). Row 1 of ``counts`` is
-<= d * 10 / 32 + 16 words; a client whose code would outgrow the packed layout sends that
-instead. Decoding needs theta, so the wire checks the layout (`validate_fedpm_coded`) and the
+<= d * 10 / 32 + 16 words; FedPM's client sends the packed layout instead when that is
+smaller. Decoding needs theta, so the wire checks the layout (`validate_fedpm_coded`) and the
 server part decodes (`FedPMDecoded.resolved(theta)`) before it counts the reply.
 
 A code that does not decode, or decodes to a mask with another number of ones, is rejected.
@@ -199,8 +199,7 @@ def encode_fedpm_mask(
     """A client's sampled masks (bool, tensor shapes) and its statistics' 1-bit updates.
 
     ``coding`` picks the layout: "packed" (1 bit an entry), "density" (range-coded under each
-    tensor's own frequency of ones) or "theta" (range-coded against the received ``theta``;
-    the packed layout instead if that would be smaller).
+    tensor's own frequency of ones) or "theta" (range-coded against the received ``theta``).
     """
     if coding not in CODINGS:
         raise ValueError(f"coding={coding!r} is not allowed; allowed: {', '.join(CODINGS)}")
@@ -215,14 +214,10 @@ def encode_fedpm_mask(
             )
         flat.append(m.reshape(-1))
     tail = encode_sign_part(stat_spec, signs, alphas)
-    packed = [np.packbits(m, bitorder="little") for m in flat]
-    packed_layout = {
-        "header": make_header(FEDPM_MASK_ID, FEDPM_VERSION),
-        "masks": np.concatenate([np.zeros(0, np.uint8), *packed]),
-        **tail,
-    }
     if coding == "packed":
-        return packed_layout
+        packed = [np.packbits(m, bitorder="little") for m in flat]
+        masks_bytes = np.concatenate([np.zeros(0, np.uint8), *packed])
+        return {"header": make_header(FEDPM_MASK_ID, FEDPM_VERSION), "masks": masks_bytes, **tail}
     ones = [int(m.sum()) for m in flat]
     if coding == "density":
         codec_id = FEDPM_CODED_ID
@@ -233,8 +228,6 @@ def encode_fedpm_mask(
         check_names(theta, masked, "theta")
         codec_id = FEDPM_THETA_CODED_ID
         codes = [theta_encode(m, theta[t.name]) for t, m in zip(masked, flat, strict=True)]
-        if 4 * sum(c.size for c in codes) >= sum(p.size for p in packed):
-            return packed_layout
     return {
         "header": make_header(codec_id, FEDPM_VERSION),
         "counts": np.array([ones, [c.size for c in codes]], dtype=np.uint32).reshape(2, len(flat)),
