@@ -335,29 +335,16 @@ def _bernoulli(ones: int, size: int) -> object:
 def range_encode(mask: np.ndarray, ones: int) -> np.ndarray:
     """A flat bool mask as range-coder words under i.i.d. Bernoulli(ones / d); empty if the
     mask is constant (its count says it all)."""
-    import constriction
-
     if ones in (0, mask.size):
         return np.zeros(0, np.uint32)
-    encoder = constriction.stream.queue.RangeEncoder()
-    encoder.encode(mask.astype(np.int32), _bernoulli(ones, mask.size))
-    return np.asarray(encoder.get_compressed(), dtype=np.uint32)
+    return _encode(mask, _bernoulli(ones, mask.size))
 
 
 def range_decode(words: np.ndarray, ones: int, size: int, name: str) -> np.ndarray:
     """The flat bool mask ``range_encode`` coded; PayloadError if the words are not one."""
-    import constriction
-
     if ones in (0, size):
         return np.full(size, ones == size, dtype=bool)
-    try:
-        decoder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, np.uint32))
-        mask = np.asarray(decoder.decode(_bernoulli(ones, size), size)).astype(bool)
-    except Exception as exc:  # constriction reports invalid data as AssertionError
-        raise PayloadError(name, "code", f"not a valid range code: {exc}") from None
-    if int(mask.sum()) != ones:
-        raise PayloadError(name, "code", f"decodes to {int(mask.sum())} ones (counts say {ones})")
-    return mask
+    return _decode(words, ones, name, _bernoulli(ones, size), size)
 
 
 def _theta_model(theta: np.ndarray) -> np.ndarray:
@@ -370,20 +357,32 @@ def theta_encode(mask: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """A flat bool mask as range-coder words, entry i coded as Bernoulli(theta_i)."""
     import constriction
 
-    encoder = constriction.stream.queue.RangeEncoder()
-    model = constriction.stream.model.Bernoulli(perfect=False)
-    encoder.encode(mask.astype(np.int32), model, _theta_model(theta))
-    return np.asarray(encoder.get_compressed(), dtype=np.uint32)
+    return _encode(mask, constriction.stream.model.Bernoulli(perfect=False), _theta_model(theta))
 
 
 def theta_decode(words: np.ndarray, ones: int, theta: np.ndarray, name: str) -> np.ndarray:
     """The flat bool mask ``theta_encode`` coded; PayloadError if the words are not one."""
     import constriction
 
+    model = constriction.stream.model.Bernoulli(perfect=False)
+    return _decode(words, ones, name, model, _theta_model(theta))
+
+
+def _encode(mask: np.ndarray, *model: object) -> np.ndarray:
+    import constriction  # a compiled dependency, only needed for coded masks
+
+    encoder = constriction.stream.queue.RangeEncoder()
+    encoder.encode(mask.astype(np.int32), *model)
+    return np.asarray(encoder.get_compressed(), dtype=np.uint32)
+
+
+def _decode(words: np.ndarray, ones: int, name: str, *model: object) -> np.ndarray:
+    """``decoder.decode(*model)`` as a bool mask of ``ones`` ones, or a PayloadError."""
+    import constriction
+
     try:
         decoder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, np.uint32))
-        model = constriction.stream.model.Bernoulli(perfect=False)
-        mask = np.asarray(decoder.decode(model, _theta_model(theta))).astype(bool)
+        mask = np.asarray(decoder.decode(*model)).astype(bool)
     except Exception as exc:  # constriction reports invalid data as AssertionError
         raise PayloadError(name, "code", f"not a valid range code: {exc}") from None
     if int(mask.sum()) != ones:
