@@ -229,8 +229,8 @@ def _decided_theta(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarr
 
 def test_coding_against_theta_costs_the_masks_cross_entropy() -> None:
     """Codec 21 codes entry i as Bernoulli(clip(theta_i)): a mask drawn from theta costs its
-    cross-entropy, far below H(density) = 1 bit when most entries are decided; a theta that
-    says nothing (1/2 everywhere) would cost more than packing, so the packed layout goes."""
+    cross-entropy, far below H(density) = 1 bit when most entries are decided; against a theta
+    that says nothing (1/2 everywhere) it would cost more than packing, so the client packs."""
     spec = ModelSpec((TensorSpec("w.weight", (200, 500)),))
     rng = np.random.default_rng(0)
     theta = _decided_theta(rng, (200, 500))
