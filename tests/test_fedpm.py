@@ -403,7 +403,7 @@ def test_client_round_sends_a_mask_the_rule_aggregates(
     part.check(decoded, 1)
     assert 0.0 <= update.metrics["mask-density"] <= 1.0
     new = part.aggregate(glob, [(32, decoded)], 1)
-    mask = decoded.resolved(part.sent_theta).view.mask("1.weight").reshape(256, 4)
+    mask = decoded.resolved(part.sent.theta).view.mask("1.weight").reshape(256, 4)
     np.testing.assert_allclose(new["1.weight"], mask)  # mode of Beta(1, 1) + one mask
     decided = np.isin(glob["1.weight"], (0.0, 1.0))
     assert (mask[decided] == glob["1.weight"][decided]).mean() > 0.95  # 8 Adam steps from +-6.9

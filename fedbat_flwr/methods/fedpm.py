@@ -62,6 +62,7 @@ from ..training.loop import keep_strides  # channels_last
 from ..wire import Decoded, ModelSpec, payload_nbytes
 from ..wire.fedpm import (
     FedPMDecoded,
+    FedPMProbs,
     encode_fedpm_mask,
     encode_fedpm_probs,
     fedpm_groups,
@@ -238,12 +239,8 @@ def uplink_coding(config: RunConfig) -> str:
     """The uplink layout (`wire.fedpm.CODINGS`) from `fedpm-entropy-coding` and
     `fedpm-coding-model`; a coding model without entropy coding is a contradiction."""
     coded = option(config, "fedpm-entropy-coding", False, lambda v: True, "true, false")
-    model = config.get("fedpm-coding-model", "density")
-    if model not in CODING_MODELS:
-        allowed = ", ".join(repr(m) for m in CODING_MODELS)
-        raise ConfigError(
-            f"run-config 'fedpm-coding-model' = {model!r} is not allowed; allowed: {allowed}"
-        )
+    allowed = ", ".join(repr(m) for m in CODING_MODELS)
+    model = option(config, "fedpm-coding-model", "density", lambda v: v in CODING_MODELS, allowed)
     if model != "density" and not coded:
         raise ConfigError(
             f"run-config 'fedpm-coding-model' = {model!r} needs 'fedpm-entropy-coding' = true "
@@ -316,7 +313,7 @@ class FedPMPart(OwnServerPart):
         self.b = {t.name: np.full(t.shape, prior, np.float32) for t in self.masked}
         rng = np.random.default_rng([seed, 0xF3D])  # the run's fixed uniforms for evaluation
         self.uniforms = {t.name: rng.random(t.shape, dtype=np.float32) for t in self.masked}
-        self.sent_theta: dict[str, np.ndarray] | None = None  # this round's, as clients read it
+        self.sent: FedPMProbs | None = None  # this round's downlink, as its clients read it
 
     def initial(self, model_arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """theta = 1/2 everywhere; everything else from the reference network."""
@@ -328,22 +325,25 @@ class FedPMPart(OwnServerPart):
         self, global_arrays: Mapping[str, np.ndarray], server_round: int
     ) -> dict[str, np.ndarray]:
         """theta as float16 and the running statistics: what every client starts from."""
+        payload, self.sent = self._downlink_of(global_arrays)
+        return payload
+
+    def _downlink_of(
+        self, global_arrays: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], FedPMProbs]:
+        """The downlink payload of ``global_arrays``, and the same as its clients read it."""
         theta = {t.name: global_arrays[t.name] for t in self.masked}
         stats = {t.name: global_arrays[t.name] for t in self.stats}
         payload = encode_fedpm_probs(self.spec, theta, stats)
-        self.sent_theta = validate_fedpm_probs(payload, self.spec).theta
-        return payload
+        return payload, validate_fedpm_probs(payload, self.spec)
 
     def check(self, decoded: Decoded, server_round: int) -> None:
         """A fedpm-mask reply whose masks decode (against the theta sent, if so coded)."""
         expect(isinstance(decoded, FedPMDecoded), "payload", "not a fedpm-mask payload")
         if decoded.needs_theta:  # type: ignore[attr-defined]
-            decoded.resolved(self._theta_sent())  # type: ignore[attr-defined]
-
-    def _theta_sent(self) -> dict[str, np.ndarray]:
-        if self.sent_theta is None:
-            raise RuntimeError("FedPM: a reply came before any downlink was built")
-        return self.sent_theta
+            if self.sent is None:
+                raise RuntimeError("FedPM: a reply came before any downlink was built")
+            decoded.resolved(self.sent.theta)  # type: ignore[attr-defined]
 
     def aggregate(
         self,
@@ -354,7 +354,7 @@ class FedPMPart(OwnServerPart):
         if (server_round - 1) % self.prior_reset == 0:
             self.reset_prior()
         ones = {t.name: np.zeros(t.shape, np.float32) for t in self.masked}
-        sent = validate_fedpm_probs(self.payload(global_arrays, server_round), self.spec)
+        _, sent = self._downlink_of(global_arrays)  # what these clients started from
         for _, decoded in accepted:
             decoded.resolved(sent.theta).add_masks(ones, 1.0)  # type: ignore[attr-defined]
         new = dict(global_arrays)
