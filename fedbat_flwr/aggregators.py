@@ -37,12 +37,11 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from .broadcast import Broadcast
 from .config import ConfigError
+from .keys import ARRAYS_KEY, METRICS_KEY
 from .records import arrays_to_record
 from .wire import SIGN_KINDS, Decoded, ModelSpec, majority_vote
 from .wire.votes import sign_median
 
-ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
 Arrays = dict[str, np.ndarray]
 Result = tuple[ArrayRecord | None, MetricRecord | None]
 

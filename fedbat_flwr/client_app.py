@@ -5,16 +5,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import ConfigError, RunConfig
 from .data import load_partition
+from .keys import ARRAYS_KEY, METRICS_KEY, NODE_INFO_KEY, NUM_EXAMPLES_KEY, PARTITION_ID_KEY
 from .methods import client_task, get_method
 from .records import arrays_to_record, payload_to_record, record_to_arrays, record_to_payload
-from .strategy import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from .task import build_model_for, data_config, load_state
-from .training import default_device, evaluate, keep_freed_memory, prepare_model
+from .training import default_device, evaluate, keep_freed_memory, prepare_model, use_threads
 
 STATE_KEY = "method-state"  # this client's method memory (EF residual, virtual bits, ...)
 
@@ -33,6 +34,7 @@ def lifespan(context: Context) -> Iterator[None]:
 def train(msg: Message, context: Context) -> Message:
     """One local round of the configured method; the reply is its encoded payload."""
     config = RunConfig.from_flower(context.run_config)
+    use_threads(config.torch_threads)
     method = get_method(config.method)(config)
     partition_id, num_partitions = _partition(context)
     server_round = int(msg.content["config"]["server-round"])
@@ -52,6 +54,22 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({NUM_EXAMPLES_KEY: update.num_examples, **update.metrics})
     content = RecordDict({ARRAYS_KEY: pack(update.payload), METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say which partition this node trains on (the server samples partitions, not node ids:
+    sampling.py) and its torch thread count (the run's provenance)."""
+    use_threads(RunConfig.from_flower(context.run_config).torch_threads)
+    partition_id, num_partitions = _partition(context)
+    info = MetricRecord(
+        {
+            PARTITION_ID_KEY: partition_id,
+            "num-partitions": num_partitions,
+            "torch-threads": torch.get_num_threads(),
+        }
+    )
+    return Message(content=RecordDict({NODE_INFO_KEY: info}), reply_to=msg)
 
 
 @app.evaluate()

@@ -68,6 +68,9 @@ class RunConfig:
     round_timeout: float = 600.0  # seconds the server waits for a round's replies
     resume_from: str = ""  # a run directory whose checkpoint.npz the run continues from
     seed: int = 42
+    # torch intra-op threads of every ClientApp and the ServerApp (0 = torch's default). Float
+    # sums are split by thread, so runs repeat exactly only at one thread count.
+    torch_threads: int = 0
     output_dir: str = "outputs"
     run_name: str = ""
     eval_every: int = 1
@@ -84,7 +87,7 @@ class RunConfig:
         _check_choice("resnet-width", self.resnet_width, (32, 64))
         for key in ("num_server_rounds", "local_epochs", "batch_size", "eval_every"):
             _check_range(key, getattr(self, key), lo=1)
-        for key in ("max_examples_per_client", "max_test_examples"):
+        for key in ("max_examples_per_client", "max_test_examples", "torch_threads"):
             _check_range(key, getattr(self, key), lo=0)
         _check_range("min_train_nodes", self.min_train_nodes, lo=1)
         _check_range("max_num_examples", self.max_num_examples, lo=1)

@@ -63,6 +63,8 @@ class RoundStats:
     # ClientApp that raised) and replies that never came (round-timeout).
     num_rejected: int = 0
     model_updated: bool = False
+    # The partitions sampled this round, sorted (None: Flower sampled node ids itself).
+    sampled_partitions: list[int] | None = None
     train_metrics: dict[str, float] = field(default_factory=dict)
 
     def count_replies(self, num_replies: int, accepted_bytes: list[int], num_params: int) -> None:
@@ -105,6 +107,7 @@ def round_row(
         "round_seconds": time.monotonic() - stats.started,
         "model_updated": stats.model_updated,
         "train_loss": stats.train_metrics.get("train-loss"),
+        "sampled_partitions": stats.sampled_partitions,
         **extra,
     }
 
@@ -319,6 +322,8 @@ class RunRecorder:
     initial: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     seconds_before: float = 0.0  # wall time of the run before it was resumed
+    # What produced the run (provenance.environment); `ended` is set when it finishes.
+    environment: dict[str, Any] = field(default_factory=dict)
     scalars: TensorBoardScalars | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -379,6 +384,8 @@ class RunRecorder:
         save_arrays(self.run_dir / "model.npz", arrays)
         if self.scalars is not None:
             self.scalars.close()
+        if self.environment:
+            self.environment["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         summary = self.summary()
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
@@ -401,6 +408,7 @@ class RunRecorder:
             "mean_uplink_bits_per_param": _mean(r["uplink_bits_per_param"] for r in self.rows),
             "total_rejected": sum(r["num_rejected"] for r in self.rows),
             "wall_seconds": self.wall_seconds,
+            "environment": self.environment or None,
         }
 
 

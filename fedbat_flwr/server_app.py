@@ -21,6 +21,7 @@ from .config import RunConfig
 from .data import load_test_set
 from .methods import Method
 from .preflight import check_startup, node_wait_timeout, wait_for_nodes
+from .provenance import environment
 from .records import arrays_to_record, record_to_arrays
 from .results import (
     Checkpoint,
@@ -32,10 +33,11 @@ from .results import (
     load_checkpoint,
     round_row,
 )
+from .sampling import PartitionSampler
 from .server_part import ServerPart
 from .strategy import ValidatingStrategy, build_strategy
 from .task import build_model_for, data_config, load_state, model_spec, state_arrays
-from .training import default_device, evaluate, prepare_model
+from .training import default_device, evaluate, prepare_model, use_threads
 
 app = ServerApp()
 
@@ -46,12 +48,14 @@ def main(grid: Grid, context: Context) -> None:
     # Every option, data-dir, output-dir, before any folder is made; the method instance is
     # the run's (its options checked once).
     method = check_startup(config)
+    use_threads(config.torch_threads)
     model = build_model_for(config)
     spec = model_spec(model)
     part = method.server_part(spec)
     initial = part.initial(state_arrays(model))
 
-    random.seed(config.seed)  # Flower samples clients with `random.sample`
+    random.seed(config.seed)  # any server-side use of `random` repeats with the seed
+    sampler = PartitionSampler(config.seed, wait_timeout=node_wait_timeout(config))
     checkpoint, run_dir = _open_run(config)
     recorder = RunRecorder.continuing(
         checkpoint,
@@ -61,11 +65,14 @@ def main(grid: Grid, context: Context) -> None:
         spec.num_params,
         config.num_server_rounds,
     )
+    recorder.environment = environment()
+    if checkpoint is not None:
+        recorder.environment["resumed_after_round"] = checkpoint.round
     log(INFO, "fedbat-flwr: %s on %s, results in %s", config.method, config.dataset, run_dir)
 
     done = checkpoint.round if checkpoint is not None else 0
     rounds: dict[int, RoundStats] = {}
-    strategy = _strategy(config, method, part, round_offset=done, rounds=rounds)
+    strategy = _strategy(config, method, part, round_offset=done, rounds=rounds, sampler=sampler)
     checkpointer = Checkpointer(recorder, strategy.state, strategy.load_state)
     if checkpoint is not None:
         initial = checkpoint.arrays
@@ -84,6 +91,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=results,
     )
     final = record_to_arrays(result.arrays) if result.arrays is not None else initial
+    recorder.environment["client_torch_threads"] = sampler.client_threads() or None
     _finish(recorder, part.eval_arrays(final))
 
 
@@ -94,6 +102,7 @@ def _strategy(
     *,
     round_offset: int,
     rounds: dict[int, RoundStats],
+    sampler: PartitionSampler | None = None,
 ) -> ValidatingStrategy:
     """The run's strategy: the method's payload kind, bounds and aggregator, Flower's sampling
     from the run config; federated evaluation off (the server evaluates centrally)."""
@@ -107,6 +116,7 @@ def _strategy(
         num_examples_policy=config.num_examples_policy,
         round_offset=round_offset,
         rounds=rounds,
+        sampler=sampler,
         fraction_train=config.fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=config.min_train_nodes,

@@ -23,26 +23,25 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from .aggregators import (
-    ARRAYS_KEY,
-    METRICS_KEY,
     Accepted,
     Aggregator,
     Replies,
     make_aggregator,
 )
 from .config import NUM_EXAMPLES_POLICIES
+from .keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from .records import record_to_arrays, record_to_payload, wire_bytes
 from .results import RoundStats
+from .sampling import PartitionSampler
 from .server_part import ServerPart
 from .wire import AlphaBounds, Decoded, ModelSpec, PayloadError, decode_payload
 
-NUM_EXAMPLES_KEY = "num-examples"
 # The part of a checkpoint's strategy state that belongs to the server part (FedPM's
 # posteriors); the prefix checkpoints have always used.
 PART_PREFIX = "rule/"
@@ -91,6 +90,7 @@ class ValidatingStrategy(FedAvg):
         num_examples_policy: str = "cap",
         round_offset: int = 0,
         rounds: MutableMapping[int, RoundStats] | None = None,
+        sampler: PartitionSampler | None = None,
         **flower_kwargs: Any,
     ) -> None:
         if num_examples_policy not in NUM_EXAMPLES_POLICIES:
@@ -107,6 +107,8 @@ class ValidatingStrategy(FedAvg):
         self.round_offset = round_offset
         self.rounds: MutableMapping[int, RoundStats] = {} if rounds is None else rounds
         self.global_arrays: dict[str, np.ndarray] = {}  # the master weights of this round
+        # None: Flower's own sampling (random node ids); else partitions drawn by (seed, round).
+        self.sampler = sampler
 
     # -- a training round ----------------------------------------------------------------------
     def configure_train(
@@ -117,12 +119,29 @@ class ValidatingStrategy(FedAvg):
         stats = self.rounds[server_round] = RoundStats()
         self.global_arrays = record_to_arrays(arrays)
         sent = self.part.downlink(self.global_arrays, server_round)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.sampler is None:
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+        else:
+            messages = self._seeded_messages(server_round, arrays, config, grid)
+            stats.sampled_partitions = self.sampler.partitions(messages)
         for message in messages:
             message.content[ARRAYS_KEY] = sent
         stats.num_sent = len(messages)
         stats.downlink_bytes = wire_bytes(sent) * len(messages)
         return messages
+
+    def _seeded_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Flower's train messages, to the nodes of the partitions the sampler draws."""
+        assert self.sampler is not None
+        if self.fraction_train == 0.0:
+            return []
+        chosen = self.sampler.sample(grid, server_round, self.fraction_train, self.min_train_nodes)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        nodes = [node for _, node in chosen]
+        return list(self._construct_messages(record, nodes, MessageType.TRAIN))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -131,6 +150,8 @@ class ValidatingStrategy(FedAvg):
         server_round += self.round_offset
         stats = self.rounds.setdefault(server_round, RoundStats())
         replies = list(replies)
+        if self.sampler is not None:  # summed in partition order: same seed, same sums
+            replies = self.sampler.in_partition_order(replies)
         accepted = _shared_metrics(self._accept_all(replies, server_round))
         stats.count_replies(len(replies), [a.nbytes for a in accepted], self.spec.num_params)
         if len(accepted) < max(1, self.min_train_nodes):
@@ -304,6 +325,7 @@ def build_strategy(
     num_examples_policy: str = "cap",
     round_offset: int = 0,
     rounds: MutableMapping[int, RoundStats] | None = None,
+    sampler: PartitionSampler | None = None,
     **flower_kwargs: Any,
 ) -> ValidatingStrategy:
     """The strategy for one method's payload kind and server part (default: `ServerPart`),
@@ -335,5 +357,6 @@ def build_strategy(
         num_examples_policy=num_examples_policy,
         round_offset=round_offset,
         rounds=rounds,
+        sampler=sampler,
         **{k: v for k, v in flower_kwargs.items() if k in _FEDAVG_KWARGS},
     )

@@ -104,6 +104,8 @@ class LocalSuperLink:
             FLWR_LOCAL_CONTROL_API_PORT=str(self.control_port),
             FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
             FLWR_DISABLE_UPDATE_CHECK="1",
+            # The checkout a run's code comes from, for its recorded commit (provenance.py).
+            FEDBAT_FLWR_SOURCE=str(APP_DIR),
         )
         return env
 

@@ -38,6 +38,16 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def in_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's Message needs the run it belongs to (set by the runtime in a real run)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+
+
 @pytest.fixture(scope="session")
 def superlink() -> Iterator[LocalSuperLink]:
     """A simulation SuperLink for the whole test run; afterwards nothing of it may run."""

@@ -134,16 +134,6 @@ def test_methods_with_their_own_downlink_refuse_downlink_bits() -> None:
         RunConfig.from_flower({"downlink-bits": 12})
 
 
-@pytest.fixture
-def in_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower's Message needs the run it belongs to (set by the runtime in a real run)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
-
-
 class _Grid:
     """The part of Flower's Grid that `configure_train` uses."""
 

@@ -539,9 +539,9 @@ def test_the_clientapp_sets_the_allocator_before_any_handler(monkeypatch) -> Non
     monkeypatch.setattr(client_app, "keep_freed_memory", lambda: calls.append("set") or True)
     metadata = Metadata(
         run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-        group_id="1", created_at=0.0, ttl=60.0, message_type="query",
+        group_id="1", created_at=0.0, ttl=60.0, message_type="query.unknown",
     )  # fmt: skip
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    with pytest.raises(ValueError, match="No query function"):
+    with pytest.raises(ValueError, match="No query function registered with name 'unknown'"):
         client_app.app(Message(content=RecordDict(), metadata=metadata), context)
     assert calls == ["set"]

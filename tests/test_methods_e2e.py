@@ -35,7 +35,7 @@ E2E_RUNS: dict[str, dict[str, object]] = {
 # run; FedBiF and FedPM have a downlink and aggregation of their own (two rounds each); FedPAQ's
 # healthy ClientApps answer beside the one that raises.
 ELSEWHERE = {
-    "fedbat": app_e2e.test_fedbat_simulation_writes_results_contract,
+    "fedbat": app_e2e.test_fedbat_simulation_writes_results_contract_and_repeats,
     "fedpaq": faults.test_a_clientapp_that_raises_is_a_failed_reply,
     "fedbif": server_rules_e2e.test_fedbif_sends_4_bits_down_and_1_bit_up,
     "fedpm": server_rules_e2e.test_fedpm_range_codes_masks_and_saves_a_masked_random_network,

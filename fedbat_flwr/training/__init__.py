@@ -11,6 +11,7 @@ from fedbat_flwr.training.loop import (
     prepare_model,
     recompute_batchnorm_statistics,
     run_sgd,
+    use_threads,
 )
 from fedbat_flwr.training.models import CNN4, ResNet10, build_model
 from fedbat_flwr.training.parametrize import (
@@ -44,4 +45,5 @@ __all__ = [
     "run_sgd",
     "switch_step",
     "train_fedbat",
+    "use_threads",
 ]

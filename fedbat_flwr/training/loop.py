@@ -19,6 +19,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def use_threads(count: int) -> None:
+    """torch's intra-op threads for this process; 0 keeps torch's default. Results repeat
+    exactly only at one count: a reduction is split differently across threads."""
+    if count and torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
 # glibc mallopt parameters and the values keep_freed_memory sets.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed value on 64-bit
