@@ -38,7 +38,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from .broadcast import Broadcast
 from .config import ConfigError
 from .keys import ARRAYS_KEY, METRICS_KEY
-from .records import arrays_to_record
+from .records import arrays_to_record, record_to_arrays
 from .wire import SIGN_KINDS, Decoded, ModelSpec, majority_vote
 from .wire.votes import sign_median
 
@@ -152,31 +152,52 @@ class FlowerAggregator(Aggregator):
         self.flower, self.spec, self.broadcast = flower, spec, broadcast
 
     def aggregate(self, master: Arrays, replies: Replies, server_round: int) -> Result:
-        messages = [self._as_dense(master, a) for a in replies.accepted]
+        messages = [_dense_message(a, self._implied(master, a)) for a in replies.accepted]
         return self.flower.aggregate_train(server_round, messages)
 
-    def _as_dense(self, master: Arrays, a: Accepted) -> Message:
-        """A reply Flower can average: the client's implied weights, its capped weight."""
+    def _implied(self, master: Arrays, a: Accepted) -> Arrays:
+        """The client's weights this reply implies: its own (rebased) or master (+) update."""
         decoded: Any = a.decoded
         if decoded.absolute:
-            weights = self.broadcast.rebase(decoded.delta(), master)
-        else:
-            weights = self.spec.apply(master, decoded.delta())
-        content = RecordDict(
-            {ARRAYS_KEY: arrays_to_record(weights), METRICS_KEY: MetricRecord(dict(a.metrics))}
-        )
-        return Message(content=content, metadata=a.message.metadata)
+            return self.broadcast.rebase(decoded.delta(), master)
+        return self.spec.apply(master, decoded.delta())
+
+
+def _dense_message(a: Accepted, weights: Arrays) -> Message:
+    """A reply Flower can average: `weights` and the reply's validated (capped) metrics."""
+    content = RecordDict(
+        {ARRAYS_KEY: arrays_to_record(weights), METRICS_KEY: MetricRecord(dict(a.metrics))}
+    )
+    return Message(content=content, metadata=a.message.metadata)
 
 
 class FedOptAggregator(FlowerAggregator):
-    """Flower's FedAdam / FedYogi: the master is the model its server optimizer steps from,
-    and its moments `m_t` / `v_t` are checkpointed."""
+    """Flower's FedAdam / FedYogi on the trainable parameters only; its moments `m_t` / `v_t`
+    are checkpointed.
+
+    The master is the model its server optimizer steps from. BatchNorm running statistics are
+    statistics, not parameters: an Adam step would move a variance by eta whatever its scale
+    (and below zero), so they take the weighted mean of the clients' implied statistics, which
+    stays positive.
+    """
 
     flower: FedOpt
 
     def aggregate(self, master: Arrays, replies: Replies, server_round: int) -> Result:
-        self.flower.current_arrays = dict(master)  # what FedOpt.configure_train would keep
-        return super().aggregate(master, replies, server_round)
+        trainable = [t.name for t in self.spec if t.kind != "stat"]
+        self.flower.current_arrays = {k: master[k] for k in trainable}
+        implied = [(a, self._implied(master, a)) for a in replies.accepted]
+        messages = [_dense_message(a, {k: w[k] for k in trainable}) for a, w in implied]
+        stepped, metrics = self.flower.aggregate_train(server_round, messages)
+        if stepped is None:
+            return None, metrics
+        total = float(sum(a.num_examples for a in replies.accepted))
+        statistics = {
+            t.name: sum((a.num_examples / total) * w[t.name] for a, w in implied)
+            for t in self.spec
+            if t.kind == "stat"
+        }
+        return arrays_to_record({**record_to_arrays(stepped), **statistics}), metrics
 
     def state(self) -> Arrays:
         state: Arrays = {}

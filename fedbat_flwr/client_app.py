@@ -5,17 +5,27 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from .bn_refit import statistic_names
 from .config import ConfigError, RunConfig
-from .data import load_partition
+from .data import TensorData, load_partition
 from .keys import ARRAYS_KEY, METRICS_KEY, NODE_INFO_KEY, NUM_EXAMPLES_KEY, PARTITION_ID_KEY
 from .methods import client_task, get_method
 from .records import arrays_to_record, payload_to_record, record_to_arrays, record_to_payload
-from .task import build_model_for, data_config, load_state
-from .training import default_device, evaluate, keep_freed_memory, prepare_model, use_threads
+from .task import build_model_for, data_config, load_state, model_spec, state_arrays
+from .training import (
+    TensorBatches,
+    default_device,
+    evaluate,
+    keep_freed_memory,
+    prepare_model,
+    recompute_batchnorm_statistics,
+    use_threads,
+)
 
 STATE_KEY = "method-state"  # this client's method memory (EF residual, virtual bits, ...)
 
@@ -74,19 +84,37 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Federated evaluation: the received global model on this client's partition."""
+    """The received network on this client's data: its BatchNorm statistics measured afresh
+    (the server pools them: bn_refit.py), then its loss and accuracy with them."""
     config = RunConfig.from_flower(context.run_config)
+    use_threads(config.torch_threads)
     partition_id, num_partitions = _partition(context)
     data = load_partition(data_config(config, num_partitions), partition_id)
+    statistics, loss, accuracy = measure_network(
+        config, data, record_to_arrays(msg.content[ARRAYS_KEY])
+    )
+    metrics = MetricRecord({"eval-loss": loss, "eval-acc": accuracy, NUM_EXAMPLES_KEY: len(data)})
+    content = RecordDict({ARRAYS_KEY: arrays_to_record(statistics), METRICS_KEY: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+def measure_network(
+    config: RunConfig, data: TensorData, arrays: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], float, float]:
+    """(BatchNorm statistics, loss, accuracy) of the network `arrays` on `data`: statistics
+    from one pass in train mode (a cumulative average), then scored in eval mode with them."""
     device = default_device()
     model = build_model_for(config)
-    load_state(model, record_to_arrays(msg.content[ARRAYS_KEY]))
+    load_state(model, arrays)
     model = prepare_model(model, device)
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = TensorBatches(data.x, data.y, config.batch_size, generator)
+    recompute_batchnorm_statistics(model, batches, device=device)
     loss, accuracy = evaluate(
         model, data.x, data.y, batch_size=config.eval_batch_size, device=device
     )
-    metrics = MetricRecord({"eval-loss": loss, "eval-acc": accuracy, NUM_EXAMPLES_KEY: len(data)})
-    return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+    measured = state_arrays(model)
+    return {name: measured[name] for name in statistic_names(model_spec(model))}, loss, accuracy
 
 
 FAULT_KINDS = ("raise", "hang")

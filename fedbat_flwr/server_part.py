@@ -22,6 +22,7 @@ A method overrides what its server does differently:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import numpy as np
 from flwr.app import ArrayRecord
@@ -38,6 +39,11 @@ Arrays = dict[str, np.ndarray]
 class ServerPart:
     """The default server side: broadcast the model, aggregate with the run's aggregator,
     evaluate the weights as they are, keep no state."""
+
+    # True: after each round, the clients that trained measure the BatchNorm statistics of the
+    # network the server evaluates, on their own data, and the server pools them
+    # (`fit_statistics`; Flower's federated-evaluation step, strategy.py).
+    refits_statistics: ClassVar[bool] = False
 
     def __init__(self, spec: ModelSpec, broadcast: Broadcast | None = None) -> None:
         self.spec = spec
@@ -71,6 +77,10 @@ class ServerPart:
         """Other readings of the same global arrays, scored beside the evaluated model: name ->
         weights; the round's row gets ``test_accuracy_<name>`` and ``test_loss_<name>``."""
         return {}
+
+    def fit_statistics(self, statistics: Mapping[str, np.ndarray]) -> None:
+        """Pooled BatchNorm statistics of the evaluated network (parts that refit them)."""
+        raise NotImplementedError(f"{type(self).__name__} does not refit statistics")
 
     def state(self) -> Arrays:
         """What a checkpoint must keep besides the global arrays (e.g. Beta posteriors)."""
@@ -113,12 +123,32 @@ class OwnServerPart(ServerPart):
 class BinaryNetworkPart(ServerPart):
     """The binary network BiFL's clients compute with: every binarized tensor (conv / linear
     weight, `wire.is_binarized`) as alpha * sign(w) with alpha = mean |w| (XNOR-Net, as the
-    clients' `SignSTE` forward pass); BatchNorm and biases as they are. The global arrays
+    clients' `SignSTE` forward pass); BatchNorm affine parameters and biases as they are.
+
+    BatchNorm statistics must fit the averaged binary network, not the clients' own networks
+    whose statistics the replies carry: the clients measure them on the evaluated network
+    (`refits_statistics`) and the pooled ones replace the averaged ones. The global arrays
     themselves (the averaged latent weights, a float model) are scored beside it as ``latent``.
     """
 
+    refits_statistics = True
+
+    def __init__(self, spec: ModelSpec, broadcast: Broadcast | None = None) -> None:
+        super().__init__(spec, broadcast)
+        self.statistics: Arrays = {}  # pooled by `fit_statistics` for the latest global arrays
+
+    def fit_statistics(self, statistics: Mapping[str, np.ndarray]) -> None:
+        """The BatchNorm statistics the clients measured on this round's evaluated network."""
+        self.statistics = dict(statistics)
+
     def eval_arrays(self, global_arrays: Mapping[str, np.ndarray]) -> Arrays:
-        return binary_network(self.spec, global_arrays)
+        return {**binary_network(self.spec, global_arrays), **self.statistics}
+
+    def state(self) -> Arrays:
+        return {f"statistics/{k}": v for k, v in self.statistics.items()}
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self.statistics = {k.removeprefix("statistics/"): np.array(v) for k, v in state.items()}
 
     def side_arrays(self, global_arrays: Mapping[str, np.ndarray]) -> dict[str, Arrays]:
         return {"latent": dict(global_arrays)}

@@ -34,9 +34,10 @@ from .aggregators import (
     Replies,
     make_aggregator,
 )
+from .bn_refit import check_statistics, pool_statistics
 from .config import NUM_EXAMPLES_POLICIES
 from .keys import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
-from .records import record_to_arrays, record_to_payload, wire_bytes
+from .records import arrays_to_record, record_to_arrays, record_to_payload, wire_bytes
 from .results import RoundStats
 from .sampling import PartitionSampler
 from .server_part import ServerPart
@@ -109,6 +110,7 @@ class ValidatingStrategy(FedAvg):
         self.global_arrays: dict[str, np.ndarray] = {}  # the master weights of this round
         # None: Flower's own sampling (random node ids); else partitions drawn by (seed, round).
         self.sampler = sampler
+        self.trained_nodes: list[int] = []  # the nodes of this round's train messages
 
     # -- a training round ----------------------------------------------------------------------
     def configure_train(
@@ -128,7 +130,49 @@ class ValidatingStrategy(FedAvg):
             message.content[ARRAYS_KEY] = sent
         stats.num_sent = len(messages)
         stats.downlink_bytes = wire_bytes(sent) * len(messages)
+        self.trained_nodes = [m.metadata.dst_node_id for m in messages]
         return messages
+
+    # -- statistics of the evaluated network (server parts that refit them) -------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's federated evaluation, off unless the part refits BatchNorm statistics:
+        then the round's clients get the network the server evaluates, to measure them."""
+        if not self.part.refits_statistics:
+            return super().configure_evaluate(server_round, arrays, config, grid)
+        server_round += self.round_offset
+        network = arrays_to_record(self.part.eval_arrays(record_to_arrays(arrays)))
+        config["server-round"] = server_round
+        record = RecordDict({ARRAYS_KEY: network, self.configrecord_key: config})
+        messages = list(self._construct_messages(record, self.trained_nodes, MessageType.EVALUATE))
+        stats = self.rounds.setdefault(server_round, RoundStats())
+        stats.downlink_bytes += wire_bytes(network) * len(messages)
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """The pooled statistics of the valid replies become the evaluated network's."""
+        if not self.part.refits_statistics:
+            return super().aggregate_evaluate(server_round, replies)
+        server_round += self.round_offset
+        measured: list[tuple[int, dict[str, np.ndarray]]] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            try:
+                if msg.has_error():
+                    raise PayloadError(None, "message", msg.error.reason)
+                n = int(self._checked_metrics(msg)[NUM_EXAMPLES_KEY])
+                arrays = record_to_arrays(msg.content.array_records[ARRAYS_KEY])
+                measured.append((n, check_statistics(self.spec, arrays)))
+            except (PayloadError, KeyError, ValueError) as exc:
+                log(WARNING, "statistics from node %s not used: %s", node, exc)
+        if not measured:
+            log(WARNING, "round %d: no valid statistics; keeping the previous ones", server_round)
+            return None
+        self.part.fit_statistics(pool_statistics(self.spec, measured))
+        return MetricRecord({"statistics-clients": len(measured)})
 
     def _seeded_messages(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -165,6 +209,8 @@ class ValidatingStrategy(FedAvg):
             return None, None
         batch = Replies(accepted, self._metrics(accepted))
         arrays, metrics = self.aggregator.aggregate(self.global_arrays, batch, server_round)
+        if arrays is not None:  # Flower's FedOpt returns float64: the master keeps its dtypes
+            arrays = _in_dtypes_of(self.global_arrays, arrays)
         if arrays is not None and not _all_finite(arrays):
             # Valid replies can still add up past float32 (unbounded kinds, a running variance
             # pushed up round after round): never hand Flower a non-finite model.
@@ -293,6 +339,16 @@ def _finite_number(value: object) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
     return isinstance(value, int) and abs(value) <= sys.float_info.max
+
+
+def _in_dtypes_of(master: Mapping[str, np.ndarray], record: ArrayRecord) -> ArrayRecord:
+    """`record` with every array cast to the dtype of the master array of the same name."""
+    arrays = record_to_arrays(record)
+    if all(arrays[k].dtype == master[k].dtype for k in arrays if k in master):
+        return record
+    return arrays_to_record(
+        {k: v.astype(master[k].dtype) if k in master else v for k, v in arrays.items()}
+    )
 
 
 def _all_finite(record: ArrayRecord) -> bool:

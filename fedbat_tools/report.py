@@ -4,6 +4,10 @@ A suite's runs are grouped by everything that varies except the seed: method, pa
 number of clients N, and any other gridded keys ("extras"). Each group becomes one table cell
 (mean ± std over seeds, like Table 1 of the FedBAT paper) and one curve per plot panel.
 Standard deviations are population std (numpy's default, ddof=0) over seeds; one seed gives 0.
+The headline tables give the mean ± its 95 % Student-t interval over seeds (`fedbat_tools.stats`)
+for a window of rounds (default: the last 10) and for the final round, paired by seed against a
+reference method when one is named. A table whose runs differ in provenance (code, libraries,
+threads: `fedbat_flwr.provenance`) opens with a warning naming the runs.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ import csv
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedbat_flwr.provenance import differences
 from fedbat_flwr.results import read_metrics
+
+from .stats import Interval, Paired, last_rounds, mean_ci, paired, parse_window, window_mean
 
 MB = 1e6  # bytes per MB in every table and plot (decimal, like network traffic)
 LAST_K = 5  # final_mean_last5: short non-IID runs are noisy, so also average the last rounds
@@ -50,6 +57,18 @@ CSV_COLUMNS = (
     # Added later, so after the older columns: readers that index by position keep working.
     "downlink_bits_per_param",
     "final_model_sparsity",  # fraction of zeros of the final evaluated model (FedPM, FedBiF)
+    # 95 % Student-t intervals over seeds (half-widths), for the window of rounds lo..hi and the
+    # final round; empty with one seed.
+    "window_lo",
+    "window_hi",
+    "window_mean",
+    "window_ci95",
+    "final_accuracy_ci95",
+    # Rows of another method than the suite's reference: the window mean minus the reference's,
+    # seed by seed (fractions), its mean and 95 % half-width, and the seeds both have ("0;1;2").
+    "paired_diff_mean",
+    "paired_diff_ci95",
+    "paired_seeds",
 )
 
 
@@ -80,6 +99,7 @@ class RunResult:
     seed: int
     rows: list[dict[str, Any]]
     summary: dict[str, Any]
+    name: str = ""  # the run folder's name (what provenance warnings call the run)
 
     @property
     def evaluated(self) -> list[dict[str, Any]]:
@@ -103,24 +123,48 @@ class GroupStats:
     uplink_bits_per_param: float
     downlink_bits_per_param: float = float("nan")
     final_model_sparsity: float = float("nan")  # nan for methods that do not report it
+    window: tuple[int, int] = (1, 1)  # rounds lo..hi of window_by_seed
+    # (seed, value) of the seeds that have one: mean accuracy of the window, final accuracy.
+    window_by_seed: tuple[tuple[int, float], ...] = ()
+    final_by_seed: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def window_interval(self) -> Interval:
+        return mean_ci(v for _, v in self.window_by_seed)
+
+    @property
+    def final_interval(self) -> Interval:
+        return mean_ci(v for _, v in self.final_by_seed)
 
 
 def load_run(run_dir: Path, key: GroupKey, seed: int) -> RunResult:
     """Read a finished run directory (summary.json + metrics.jsonl)."""
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
-    return RunResult(key=key, seed=seed, rows=read_metrics(run_dir), summary=summary)
+    rows = read_metrics(run_dir)
+    return RunResult(key=key, seed=seed, rows=rows, summary=summary, name=Path(run_dir).name)
 
 
-def aggregate(runs: Iterable[RunResult]) -> list[GroupStats]:
-    """One GroupStats per group, in first-seen order."""
+def aggregate(runs: Iterable[RunResult], window: tuple[int, int] | None = None) -> list[GroupStats]:
+    """One GroupStats per group, in first-seen order; `window` (rounds lo..hi, default the last
+    10 of the longest run) is the window of `GroupStats.window_by_seed`."""
     groups: dict[GroupKey, list[RunResult]] = {}
     for run in runs:
         groups.setdefault(run.key, []).append(run)
-    return [_group_stats(key, members) for key, members in groups.items()]
+    if window is None:
+        window = last_rounds(
+            max((_last_round(r.rows) for g in groups.values() for r in g), default=1)
+        )
+    return [_group_stats(key, members, window) for key, members in groups.items()]
 
 
-def _group_stats(key: GroupKey, runs: list[RunResult]) -> GroupStats:
+def _last_round(rows: Iterable[Mapping[str, Any]]) -> int:
+    """The number of the last round a run's metrics rows reach (0 for none)."""
+    return max((int(r["round"]) for r in rows), default=0)
+
+
+def _group_stats(key: GroupKey, runs: list[RunResult], window: tuple[int, int]) -> GroupStats:
     final = [_final_accuracy(r) for r in runs]
+    in_window = [(r.seed, window_mean(r.rows, *window)) for r in runs]
     last5 = [_mean([row["test_accuracy"] for row in r.evaluated[-LAST_K:]]) for r in runs]
     best = [_float(r.summary.get("best_accuracy")) for r in runs]
     return GroupStats(
@@ -137,6 +181,11 @@ def _group_stats(key: GroupKey, runs: list[RunResult]) -> GroupStats:
         uplink_bits_per_param=_mean([_mean_bits(r) for r in runs]),
         downlink_bits_per_param=_mean([_mean_bits(r, "downlink") for r in runs]),
         final_model_sparsity=_mean([_last(r, "model_sparsity") for r in runs]),
+        window=window,
+        window_by_seed=tuple((s, v) for s, v in in_window if v is not None),
+        final_by_seed=tuple(
+            (r.seed, v) for r, v in zip(runs, final, strict=True) if np.isfinite(v)
+        ),
     )
 
 
@@ -214,42 +263,100 @@ def paper_value(paper: Paper, method: str, column: Column) -> tuple[float, float
     return None if value is None else (float(value[0]), float(value[1]))
 
 
+# --- paired by seed -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairedRow:
+    """A group beside the reference method's group of the same column and extras: per-seed
+    differences (group - reference, fractions) of the window mean and of the final accuracy."""
+
+    stats: GroupStats
+    reference: GroupStats
+    window: Paired
+    final: Paired
+
+
+def paired_rows(stats: Sequence[GroupStats], reference: str) -> list[PairedRow]:
+    """Every group of another method that has a `reference` group in its column with its
+    extras, in `stats` order (groups without one are left out)."""
+    by_key = {s.key: s for s in stats}
+    out = []
+    for s in stats:
+        ref = by_key.get(replace(s.key, method=reference))
+        if s.key.method == reference or ref is None:
+            continue
+        window = paired(dict(s.window_by_seed), dict(ref.window_by_seed))
+        final = paired(dict(s.final_by_seed), dict(ref.final_by_seed))
+        out.append(PairedRow(s, ref, window, final))
+    return out
+
+
+def provenance_warning(environments: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
+    """Markdown lines that open a table of runs (named by folder) differing in provenance: one
+    per `provenance.differences` line. None when they agree, or for a single run."""
+    lines = differences(environments) if len(environments) > 1 else []
+    if not lines:
+        return []
+    head = "> **WARNING: these runs differ in provenance; their numbers may not be comparable.**"
+    return [head, ">", *(f"> - {line}" for line in lines), ""]
+
+
 # --- CSV ------------------------------------------------------------------------------------
 
 
 def write_csv(
-    stats: Sequence[GroupStats], path: Path, labels: Mapping[str, str], paper: Paper
+    stats: Sequence[GroupStats],
+    path: Path,
+    labels: Mapping[str, str],
+    paper: Paper,
+    reference: str | None = None,
 ) -> Path:
-    """One row per group; accuracies as fractions (the unit of summary.json), traffic in MB."""
+    """One row per group; accuracies as fractions (the unit of summary.json), traffic in MB;
+    with a `reference` method, the paired_* columns of the groups paired with one of its."""
+    pairs = {p.stats.key: p for p in paired_rows(stats, reference)} if reference else {}
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for s in stats:
-            ref = paper_value(paper, s.key.method, s.key.column) if not s.key.extras else None
-            writer.writerow(
-                {
-                    "method": s.key.method,
-                    "label": row_label(s.key.method, s.key.extras, labels),
-                    "partitioner": s.key.partitioner,
-                    "num_clients": s.key.num_clients,
-                    "extras": ";".join(f"{k}={v}" for k, v in s.key.extras),
-                    "num_seeds": s.num_seeds,
-                    "rounds": s.rounds,
-                    "final_accuracy_mean": _fmt(s.final_accuracy_mean, 6),
-                    "final_accuracy_std": _fmt(s.final_accuracy_std, 6),
-                    "final_mean_last5": _fmt(s.final_mean_last5, 6),
-                    "final_mean_last5_std": _fmt(s.final_mean_last5_std, 6),
-                    "best_accuracy_mean": _fmt(s.best_accuracy_mean, 6),
-                    "uplink_mb": _fmt(s.uplink_mb, 4),
-                    "downlink_mb": _fmt(s.downlink_mb, 4),
-                    "uplink_bits_per_param": _fmt(s.uplink_bits_per_param, 4),
-                    "paper_accuracy_mean": "" if ref is None else _fmt(ref[0] / 100, 4),
-                    "paper_accuracy_std": "" if ref is None else _fmt(ref[1] / 100, 4),
-                    "downlink_bits_per_param": _fmt(s.downlink_bits_per_param, 4),
-                    "final_model_sparsity": _fmt(s.final_model_sparsity, 6),
-                }
-            )
+            writer.writerow(_csv_row(s, labels, paper, pairs.get(s.key)))
     return path
+
+
+def _csv_row(
+    s: GroupStats, labels: Mapping[str, str], paper: Paper, pair: PairedRow | None
+) -> dict[str, Any]:
+    ref = paper_value(paper, s.key.method, s.key.column) if not s.key.extras else None
+    diff = pair.window.interval if pair is not None else None
+    return {
+        "method": s.key.method,
+        "label": row_label(s.key.method, s.key.extras, labels),
+        "partitioner": s.key.partitioner,
+        "num_clients": s.key.num_clients,
+        "extras": ";".join(f"{k}={v}" for k, v in s.key.extras),
+        "num_seeds": s.num_seeds,
+        "rounds": s.rounds,
+        "final_accuracy_mean": _fmt(s.final_accuracy_mean, 6),
+        "final_accuracy_std": _fmt(s.final_accuracy_std, 6),
+        "final_mean_last5": _fmt(s.final_mean_last5, 6),
+        "final_mean_last5_std": _fmt(s.final_mean_last5_std, 6),
+        "best_accuracy_mean": _fmt(s.best_accuracy_mean, 6),
+        "uplink_mb": _fmt(s.uplink_mb, 4),
+        "downlink_mb": _fmt(s.downlink_mb, 4),
+        "uplink_bits_per_param": _fmt(s.uplink_bits_per_param, 4),
+        "paper_accuracy_mean": "" if ref is None else _fmt(ref[0] / 100, 4),
+        "paper_accuracy_std": "" if ref is None else _fmt(ref[1] / 100, 4),
+        "downlink_bits_per_param": _fmt(s.downlink_bits_per_param, 4),
+        "final_model_sparsity": _fmt(s.final_model_sparsity, 6),
+        "window_lo": s.window[0],
+        "window_hi": s.window[1],
+        "window_mean": _fmt(s.window_interval.mean, 6),
+        "window_ci95": _fmt(s.window_interval.half_width, 6),
+        "final_accuracy_ci95": _fmt(s.final_interval.half_width, 6),
+        "paired_diff_mean": "" if diff is None else _fmt(diff.mean, 6),
+        "paired_diff_ci95": "" if diff is None else _fmt(diff.half_width, 6),
+        "paired_seeds": "" if pair is None else ";".join(map(str, pair.window.by_seed)),
+    }
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -267,12 +374,26 @@ def write_markdown(
     labels: Mapping[str, str],
     paper: Paper,
     notes: Sequence[str] = (),
+    reference: str | None = None,
+    environments: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> Path:
-    """table.md: final accuracy (± std) beside the paper's, best, last-5 mean, traffic."""
+    """table.md: a warning first if the runs' `environments` (by run name) differ; the window's
+    and the final round's mean ± 95 % interval; with a `reference` method, the differences
+    paired by seed; then final accuracy (± std) beside the paper's, best, last-5 mean, traffic."""
     table = _Cells(stats, labels)
-    parts = [f"# {title}", ""]
-    if notes:
-        parts += [*notes, ""]
+    parts = [*provenance_warning(environments or {}), f"# {title}", ""]
+    parts += [*notes, INTERVAL_NOTE, ""]
+    lo, hi = stats[0].window if stats else (1, 1)
+    parts += table.simple(
+        f"Mean accuracy of rounds {lo}-{hi} (%), mean ± 95 % interval over seeds",
+        lambda s: s.window_interval.text(),
+    )
+    parts += table.simple(
+        "Final-round accuracy (%), mean ± 95 % interval over seeds",
+        lambda s: s.final_interval.text(),
+    )
+    if reference is not None:
+        parts += _paired_table(table, paired_rows(stats, reference), reference)
     parts += _final_table(table, paper)
     parts += table.simple(
         "Best accuracy (%), mean over seeds", lambda s: _pct(s.best_accuracy_mean)
@@ -309,6 +430,43 @@ class _Cells:
             cells = [self.render(row, c, how) for c in self.columns]
             lines.append(_md_row([self.label(row), *cells]))
         return [*lines, ""]
+
+
+INTERVAL_NOTE = (
+    "± 95 % interval: mean ± t(0.975, n-1) · s / √n over the n seeds (s with ddof=1; "
+    "fedbat_tools/stats.py); one seed has none. A run that did not reach the window's last "
+    "round is left out of the window's cells, never filled."
+)
+
+
+def _paired_table(table: _Cells, pairs: Sequence[PairedRow], reference: str) -> list[str]:
+    """A line per (column, row): differences to the reference group of the same column and
+    extras, seed by seed, then their mean ± 95 % interval, over the window and the final round."""
+    name = table.labels.get(reference, reference)
+    lines = [f"## Paired by seed against {name} (points, method − {name})", ""]
+    if not pairs:
+        return [*lines, f"No group has a {name} group of the same column and extras.", ""]
+    lo, hi = pairs[0].stats.window
+    header = ["column", "method", f"rounds {lo}-{hi}, per seed", "mean ± 95 % interval"]
+    header += ["final round, per seed", "mean ± 95 % interval"]
+    lines += [
+        f"Each run's accuracy minus the {name} run's of the same seed; only seeds both have.",
+        "",
+        _md_row(header),
+        _md_row(["---", "---", *["---:"] * 4]),  # column and method left-aligned
+    ]
+    place = {(r, c): (j, i) for i, r in enumerate(table.rows) for j, c in enumerate(table.columns)}
+    for pair in sorted(pairs, key=lambda p: place[(p.stats.key.row, p.stats.key.column)]):
+        key = pair.stats.key
+        cells = [column_label(key.column), table.label(key.row)]
+        for diff in (pair.window, pair.final):
+            cells += [_per_seed(diff), diff.interval.text(signed=True)]
+        lines.append(_md_row(cells))
+    return [*lines, ""]
+
+
+def _per_seed(diff: Paired) -> str:
+    return ", ".join(f"s{seed} {100 * d:+.1f}" for seed, d in diff.by_seed.items()) or "–"
 
 
 def _final_table(table: _Cells, paper: Paper) -> list[str]:
@@ -386,15 +544,28 @@ def _md_row(cells: Iterable[str]) -> str:
 
 @dataclass(frozen=True)
 class Curve:
-    """One group's mean-over-seeds curve: x per evaluated round, accuracy in %."""
+    """One group's mean-over-seeds curve: x per evaluated round, accuracy in %, and the
+    seeds' spread (min and max over the seeds that have the round, and how many do)."""
 
     rounds: np.ndarray
     uplink_mb: np.ndarray  # cumulative uplink at the end of each of those rounds
     accuracy: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    seeds: np.ndarray
+
+    @property
+    def banded(self) -> bool:
+        """True when some round has two or more seeds, so a min-max band can be drawn."""
+        return bool((self.seeds >= 2).any())
+
+
+BAND_NOTE = "shaded: min-max over seeds"
 
 
 def curves(runs: Iterable[RunResult]) -> dict[GroupKey, Curve]:
-    """Average the runs of each group round by round (seeds that lack a round are skipped)."""
+    """Average the runs of each group round by round (seeds that lack a round are skipped);
+    low / high are the seeds' min / max accuracy of the round."""
     per_round: dict[GroupKey, dict[int, list[tuple[float, float]]]] = {}
     for run in runs:
         cumulative = np.cumsum([row["uplink_bytes"] for row in run.rows]) / MB
@@ -405,8 +576,15 @@ def curves(runs: Iterable[RunResult]) -> dict[GroupKey, Curve]:
     out = {}
     for key, points in per_round.items():
         rounds = sorted(points)
-        means = np.array([np.mean(points[r], axis=0) for r in rounds]).reshape(-1, 2)
-        out[key] = Curve(np.array(rounds), means[:, 0], 100 * means[:, 1])
+        accuracy = [100 * np.array([acc for _, acc in points[r]]) for r in rounds]
+        out[key] = Curve(
+            rounds=np.array(rounds),
+            uplink_mb=np.array([np.mean([up for up, _ in points[r]]) for r in rounds]),
+            accuracy=np.array([a.mean() for a in accuracy]),
+            low=np.array([a.min() for a in accuracy]),
+            high=np.array([a.max() for a in accuracy]),
+            seeds=np.array([len(a) for a in accuracy]),
+        )
     return out
 
 
@@ -504,7 +682,8 @@ def _plot(
         axes[i][0].set_ylabel("test accuracy (%)")  # shared y: label the left column only
     handles, names = _legend_entries(axes)
     fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4))
-    fig.suptitle(f"{title}: test accuracy vs {x.name} (mean over seeds)")
+    band = f"; {BAND_NOTE}" if any(c.banded for c in by_group.values()) else ""
+    fig.suptitle(f"{title}: test accuracy vs {x.name} (mean over seeds{band})")
     fig.savefig(path, dpi=110, bbox_inches="tight")  # never clip the legend or title
     return path
 
@@ -521,14 +700,26 @@ def _panel(
         ax.set_visible(False)
         return
     for key, curve in members.items():
+        xs = getattr(curve, x.field)
         ax.plot(
-            getattr(curve, x.field),
+            xs,
             curve.accuracy,
             "o-" if len(curve.rounds) <= 20 else "-",
             markersize=3,
             color=colours[key.row],
             label=row_label(key.method, key.extras, labels),
         )
+        if curve.banded:  # rounds of a single seed have no band
+            where = curve.seeds >= 2
+            ax.fill_between(
+                xs,
+                curve.low,
+                curve.high,
+                where=where,
+                color=colours[key.row],
+                alpha=0.2,
+                linewidth=0,
+            )
     if x.log:
         ax.set_xscale("log")
     else:  # rounds are whole numbers
@@ -574,17 +765,31 @@ def write_report(
     labels: Mapping[str, str],
     paper: Paper,
     notes: Sequence[str] = (),
+    window: tuple[int, int] | None = None,
+    reference: str | None = None,
 ) -> list[Path]:
-    """table.md, table.csv and the plots in `out_dir`; returns the files written."""
+    """table.md, table.csv and the plots in `out_dir`; returns the files written. `window`:
+    rounds lo..hi of the interval tables (default the last 10); `reference`: a method to pair
+    the others with by seed."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats = aggregate(runs)
+    stats = aggregate(runs, window)
     if not stats:
         return []
+    environments = {
+        r.name or str(r.summary.get("run_name")): r.summary.get("environment") for r in runs
+    }
     written = [
         write_markdown(
-            stats, out_dir / "table.md", title=title, labels=labels, paper=paper, notes=notes
+            stats,
+            out_dir / "table.md",
+            title=title,
+            labels=labels,
+            paper=paper,
+            notes=notes,
+            reference=reference,
+            environments=environments,
         ),
-        write_csv(stats, out_dir / "table.csv", labels, paper),
+        write_csv(stats, out_dir / "table.csv", labels, paper, reference),
     ]
     return written + write_plots(runs, stats, out_dir, title=title, labels=labels)
 
@@ -658,9 +863,18 @@ TABLE_KEYS = ("method", "dataset", "partitioner", "aggregator", "num-server-roun
 UNCOMPARED_KEYS = ("output-dir", "run-name", "resume-from")  # differ between any two runs
 
 
-def comparison_table(views: Sequence[RunView]) -> str:
-    """Markdown: a column per run; figures first, then every config key whose value differs."""
+def comparison_table(
+    views: Sequence[RunView],
+    *,
+    window: tuple[int, int] | None = None,
+    reference: str | None = None,
+) -> str:
+    """Markdown: a column per run; figures first, then every config key whose value differs.
+    It opens with a warning when the runs differ in provenance. `window`: rounds lo..hi of the
+    window row (default: the last 10 rounds of the shortest run); `reference`: the label of a
+    run whose window mean the others' is compared with."""
     evaluated = [[r for r in v.rows if r.get("test_accuracy") is not None] for v in views]
+    window = window or last_rounds(min(_last_round(v.rows) for v in views))
     lines: list[tuple[str, list[str]]] = [
         ("status", [v.status for v in views]),
         *((key, [str(v.config.get(key, "–")) for v in views]) for key in TABLE_KEYS),
@@ -671,6 +885,7 @@ def comparison_table(views: Sequence[RunView]) -> str:
             f"mean of last {LAST_K} evaluated (%)",
             [_pct(_mean([r["test_accuracy"] for r in e[-LAST_K:]])) for e in evaluated],
         ),
+        *_window_lines(views, window, reference),
         ("uplink MB", [f"{_sum_mb(v, 'uplink_bytes'):.2f}" for v in views]),
         ("downlink MB", [f"{_sum_mb(v, 'downlink_bytes'):.2f}" for v in views]),
         ("uplink bit/param", [_fmt(_mean_bits_of(v), 3) for v in views]),
@@ -680,7 +895,25 @@ def comparison_table(views: Sequence[RunView]) -> str:
     differing = [k for k in keys if len({repr(v.config.get(k)) for v in views}) > 1]
     lines += [(k, [str(v.config.get(k, "–")) for v in views]) for k in differing]
     header = _md_header(["", *(v.label for v in views)])
-    return "\n".join([*header, *(_md_row([name, *cells]) for name, cells in lines)])
+    warning = provenance_warning({v.label: (v.summary or {}).get("environment") for v in views})
+    return "\n".join([*warning, *header, *(_md_row([name, *cells]) for name, cells in lines)])
+
+
+def _window_lines(
+    views: Sequence[RunView], window: tuple[int, int], reference: str | None
+) -> list[tuple[str, list[str]]]:
+    """The window's mean accuracy per run ('–' for a run without every round of it), and with
+    a `reference` label each run's difference to that run's in points."""
+    lo, hi = window
+    means = {v.label: window_mean(v.rows, lo, hi) for v in views}
+    lines = [(f"mean of rounds {lo}-{hi} (%)", [_pct(_float(m)) for m in means.values()])]
+    if reference is None:
+        return lines
+    if reference not in means:
+        raise RunDirError(f"--reference {reference!r} is not one of the runs: {', '.join(means)}")
+    ref = means[reference]
+    diffs = ["–" if m is None or ref is None else f"{100 * (m - ref):+.1f}" for m in means.values()]
+    return [*lines, (f"rounds {lo}-{hi} minus {reference} (points)", diffs)]
 
 
 def _last_acc(evaluated: list[dict[str, Any]]) -> float:
@@ -770,16 +1003,27 @@ def report_main(argv: Sequence[str] | None = None) -> int:
         help="folder for the plots and table.md (default: the run folder for one run, "
         "<first run's parent>/report for several)",
     )
+    parser.add_argument(
+        "--window",
+        type=parse_window,
+        metavar="LO-HI",
+        help="rounds of the 'mean of rounds' row (default: the last 10 of the shortest run)",
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="RUN_LABEL",
+        help="a run's column label: add each run's window mean minus that run's",
+    )
     args = parser.parse_args(argv)
     try:
         views = _labels_unique([load_run_view(d) for d in args.run_dirs])
+        table = comparison_table(views, window=args.window, reference=args.reference)
     except RunDirError as exc:
         print(f"fedbat-report: {exc}", file=sys.stderr)
         return 2
     out_dir = args.output or (
         args.run_dirs[0] if len(views) == 1 else args.run_dirs[0].resolve().parent / "report"
     )
-    table = comparison_table(views)
     print(table)
     written = write_run_plots(views, out_dir)
     (out_dir / "table.md").write_text(table + "\n")

@@ -13,6 +13,8 @@ A suite file has:
     clients-per-round: 10         # optional: fraction-train = k/N and min-train-nodes = k
     labels: {fedavg: FedAvg}      # optional pretty method names
     paper: {fedavg: {30: {iid: [92.5, 0.1]}}}   # optional reference (mean %, std %)
+    window: [41, 50]              # optional: rounds of the tables' window (default: last 10)
+    reference: fedavg             # optional: a grid method the others are paired with by seed
 
 `num-clients` (in base or grid) is the number of simulated SuperNodes, which is also the number
 of partitions. Every cell runs through ONE SuperLink owned by the sweep (stopped by PID at the end,
@@ -37,7 +39,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -54,6 +56,7 @@ from .localrun import (
     mark_failed,
 )
 from .report import GroupKey, load_run, write_report
+from .stats import last_rounds, parse_window
 
 SUITE_KEYS = (
     "name",
@@ -64,6 +67,8 @@ SUITE_KEYS = (
     "clients-per-round",
     "labels",
     "paper",
+    "window",
+    "reference",
 )
 NUM_CLIENTS = "num-clients"  # not a run-config key: the number of simulated SuperNodes
 OWNED_KEYS = ("output-dir", "run-name")  # set by the sweep for every cell
@@ -91,6 +96,9 @@ class Suite:
     labels: dict[str, str] = field(default_factory=dict)
     paper: dict[str, dict[int, dict[str, tuple[float, float]]]] = field(default_factory=dict)
     description: str = ""
+    # The tables' window of rounds (lo, hi), default the last 10; a method to pair others with.
+    window: tuple[int, int] | None = None
+    reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,8 @@ def load_suite(path: Path, known_methods: Sequence[str] | None = None) -> Suite:
         labels=_labels(doc.get("labels", {})),
         paper=_paper(doc.get("paper", {})),
         description=_text("description", doc.get("description", "")),
+        window=_window(doc.get("window")),
+        reference=None if doc.get("reference") is None else _text("reference", doc["reference"]),
     )
     _check_num_clients(suite)
     cells = expand(suite)  # checks each cell's run config and run-name uniqueness
@@ -136,7 +146,46 @@ def load_suite(path: Path, known_methods: Sequence[str] | None = None) -> Suite:
     if unused:
         raise SuiteError(f"'method-base' names method(s) {unused} that no cell runs")
     _check_methods(cells, known_methods)
+    check_report_options(suite, cells)
     return suite
+
+
+def with_report_options(
+    suite: Suite, window: tuple[int, int] | None = None, reference: str | None = None
+) -> Suite:
+    """The suite with the command line's --window / --reference over its own, checked."""
+    suite = replace(suite, window=window or suite.window, reference=reference or suite.reference)
+    check_report_options(suite, expand(suite))
+    return suite
+
+
+def check_report_options(suite: Suite, cells: Sequence[Cell]) -> None:
+    """`reference` is a method the grid runs; `window` lies within every cell's rounds."""
+    methods = list(dict.fromkeys(str(c.run_config["method"]) for c in cells))
+    if suite.reference is not None and suite.reference not in methods:
+        raise SuiteError(
+            f"suite 'reference' = {suite.reference!r} is not a method of the grid; "
+            f"allowed: {', '.join(methods)}"
+        )
+    rounds = min(c.num_rounds for c in cells)
+    if suite.window is not None and suite.window[1] > rounds:
+        raise SuiteError(
+            f"suite 'window' = {list(suite.window)}: the last round must be <= "
+            f"num-server-rounds = {rounds}"
+        )
+
+
+def _window(value: Any) -> tuple[int, int] | None:
+    """window: [lo, hi], integers with 1 <= lo <= hi (hi is checked against the cells later)."""
+    if value is None:
+        return None
+    ints = isinstance(value, list) and len(value) == 2
+    ints = ints and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ints or not 1 <= value[0] <= value[1]:
+        raise SuiteError(
+            f"suite 'window' = {value!r}: expected [lo, hi], integers with 1 <= lo <= hi"
+        )
+    return int(value[0]), int(value[1])
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -567,7 +616,7 @@ def run_suite(
         if status[c.run_name] != "done"
         and (not only or any(fnmatch.fnmatchcase(c.run_name, g) for g in only))
     ]
-    _print_plan(suite, cells, status, out_dir, out, verbose=dry_run)
+    _print_plan(suite, cells, status, todo, out_dir, out, verbose=dry_run)
     if dry_run:
         return 0
     failed: list[str] = []
@@ -609,16 +658,24 @@ def _print_plan(
     suite: Suite,
     cells: Sequence[Cell],
     status: Mapping[str, str],
+    todo: Sequence[Cell],
     out_dir: Path,
     out: TextIO,
     verbose: bool,
 ) -> None:
+    """The suite's cells by status and the rounds this call runs (`todo`: the cells not done
+    that --only selects)."""
     counts = {
         s: list(status.values()).count(s) for s in ("done", "pending", "interrupted", "stale")
     }
-    rounds = sum(c.num_rounds for c in cells if status[c.run_name] != "done")
+    rounds = sum(c.num_rounds for c in todo)
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    print(f"suite {suite.name}: {len(cells)} cells ({summary}); {rounds} rounds to run", file=out)
+    not_done = len(cells) - counts["done"]
+    selected = f"; {len(todo)} of them selected by --only" if len(todo) < not_done else ""
+    print(
+        f"suite {suite.name}: {len(cells)} cells ({summary}){selected}; {rounds} rounds to run",
+        file=out,
+    )
     print(f"output: {out_dir}", file=out)
     if not verbose:
         return
@@ -685,7 +742,14 @@ def write_tables(suite: Suite, cells: Sequence[Cell], out_dir: Path) -> list[Pat
         "accuracy; std over seeds is numpy's (ddof=0). table.csv holds accuracies as fractions."
     ]
     return write_report(
-        runs, out_dir, title=suite.name, labels=suite.labels, paper=suite.paper, notes=notes
+        runs,
+        out_dir,
+        title=suite.name,
+        labels=suite.labels,
+        paper=suite.paper,
+        notes=notes,
+        window=suite.window or last_rounds(max(c.num_rounds for c in cells)),
+        reference=suite.reference,
     )
 
 
@@ -713,6 +777,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="run only cells whose run-name matches (repeatable), e.g. 'fedbat-*-s2*'",
     )
+    parser.add_argument(
+        "--window",
+        type=parse_window,
+        metavar="LO-HI",
+        help="rounds of the tables' window, over the suite's 'window' (default: the last 10)",
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="METHOD",
+        help="pair the other methods with this one by seed, over the suite's 'reference'",
+    )
     return parser
 
 
@@ -725,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        suite = load_suite(args.suite)
+        suite = with_report_options(load_suite(args.suite), args.window, args.reference)
         out_dir = (args.output or Path("results") / suite.name).resolve()
         return run_suite(
             suite,

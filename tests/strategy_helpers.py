@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message
 from flwr.app.error import Error
-from flwr.app.metadata import Metadata
 
 from fedbat_flwr.methods.fedbif import FedBiFPart
 from fedbat_flwr.records import payload_to_record
 from fedbat_flwr.strategy import ValidatingStrategy, build_strategy
 from fedbat_flwr.wire import AlphaBounds, ModelSpec, TensorSpec, encode_signs
+from fedbat_tools.messages import metadata_from, reply
+
+__all__ = ["FEDBIF_SPEC", "error_reply", "fedbif_strategy", "reply", "signs_record"]
 
 # The smallest model FedBiF's replies cover: a quantized conv weight, a BatchNorm parameter
 # and a log-domain running statistic (both sent as 1 bit + alpha).
@@ -25,33 +25,8 @@ FEDBIF_SPEC = ModelSpec(
 )
 
 
-def reply(
-    node: int, arrays: ArrayRecord | None, num_examples: object = 10, **metrics: float
-) -> Message:
-    """A train reply from `node` carrying `arrays` and `num-examples`."""
-    content = RecordDict()
-    if arrays is not None:
-        content["arrays"] = arrays
-    content["metrics"] = MetricRecord({"num-examples": num_examples, **metrics})  # type: ignore[dict-item]
-    return Message(content=content, metadata=_metadata(node))
-
-
 def error_reply(node: int, reason: str = "ClientApp raised") -> Message:
-    return Message(error=Error(code=1, reason=reason), metadata=_metadata(node))
-
-
-def _metadata(node: int) -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
+    return Message(error=Error(code=1, reason=reason), metadata=metadata_from(node))
 
 
 def signs_record(spec: ModelSpec, rng: np.random.Generator, alpha: float = 0.01) -> ArrayRecord:

@@ -41,6 +41,7 @@ from fedbat_flwr.records import (
     record_to_payload,
 )
 from fedbat_flwr.wire import decode_payload
+from fedbat_tools.messages import metadata_from
 from tests.payloads import (
     ALL_KINDS,
     BOUNDS,
@@ -60,7 +61,7 @@ from tests.payloads import (
     valid_payload,
     value_is_valid,
 )
-from tests.strategy_helpers import _metadata, error_reply, reply
+from tests.strategy_helpers import error_reply, reply
 
 settings.register_profile("long", max_examples=25_000, deadline=None)
 PROFILE = os.environ.get("FEDBAT_FUZZ_PROFILE") or os.environ.get("HYPOTHESIS_PROFILE")
@@ -305,10 +306,10 @@ def reply_fields(data: st.DataObject, kind: str, payload: Payload, policy: str) 
         return Mutant(error_reply(99), valid=False)
     if op == "no-arrays":
         content = RecordDict({"weights": record, "metrics": MetricRecord({"num-examples": 7})})
-        return Mutant(Message(content=content, metadata=_metadata(99)), valid=False)
+        return Mutant(Message(content=content, metadata=metadata_from(99)), valid=False)
     if op == "no-metrics":
         content = RecordDict({"arrays": record, "stats": MetricRecord({"num-examples": 7})})
-        return Mutant(Message(content=content, metadata=_metadata(99)), valid=False)
+        return Mutant(Message(content=content, metadata=metadata_from(99)), valid=False)
     if op == "metric":
         value = data.draw(
             st.sampled_from(

@@ -21,6 +21,13 @@ from fedbat_tools import evaluate_run
 from fedbat_tools.localrun import APP_DIR
 from fedbat_tools.report import report_main
 
+# One machine's provenance (summary.json's `environment`): runs that share it are comparable.
+ENVIRONMENT = {
+    "commit": "a" * 40, "dirty": False, "code_sha256": "c" * 64, "python": "3.12.3",
+    "flwr": "1.22.0", "torch": "2.8.0", "numpy": "2.3.2", "torch_threads": 1,
+    "client_torch_threads": [1], "cpu": "AMD EPYC", "cpu_cores": 2, "gpu": None,
+}  # fmt: skip
+
 
 def write_run(
     run_dir: Path,
@@ -30,8 +37,14 @@ def write_run(
     uplink: int = 1000,
     finish: bool = True,
     arrays: dict[str, np.ndarray] | None = None,
+    environment: dict | None = None,
 ) -> None:
-    recorder = RunRecorder(run_dir, config["method"], config, num_params=10, num_rounds=3)
+    """A run folder as the ServerApp writes it; `environment` defaults to ENVIRONMENT ({}: an
+    older run that recorded none)."""
+    env = dict(ENVIRONMENT if environment is None else environment)
+    recorder = RunRecorder(
+        run_dir, config["method"], config, num_params=10, num_rounds=3, environment=env
+    )
     for i, acc in enumerate(accuracies, 1):
         row = {
             "round": i, "method": config["method"], "test_accuracy": acc, "test_loss": 1.0,
@@ -63,6 +76,54 @@ def test_report_prints_runs_side_by_side_and_draws_both_plots(tmp_path: Path, ca
     assert "dataset" in rows and "seed" not in rows, "equal keys beyond the main ones are not"
     for name in ("accuracy_vs_round.png", "accuracy_vs_traffic.png", "table.md"):
         assert (out / name).stat().st_size > 0
+
+
+def report_rows(out: str) -> dict[str, list[str]]:
+    """fedbat-report's printed table: row name -> cells (warning lines are not rows)."""
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("|")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_report_window_row_and_differences_to_a_reference_run(tmp_path: Path, capsys):
+    write_run(tmp_path / "a", [0.2, 0.4, 0.6, 0.8, 0.9], {"method": "fedavg"})
+    write_run(tmp_path / "b", [0.3, 0.5, 0.7], {"method": "fedbat"})
+    runs = [str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "r")]
+    capsys.readouterr()
+    assert report_main(runs) == 0  # default: the last 10 rounds of the shortest run (3)
+    rows = report_rows(capsys.readouterr().out)
+    assert rows["mean of rounds 1-3 (%)"] == ["40.0", "50.0"]
+    assert rows["final accuracy (%)"] == ["90.0", "70.0"], "the older rows stay"
+    assert report_main([*runs, "--window", "2-3", "--reference", "a"]) == 0
+    rows = report_rows(capsys.readouterr().out)
+    assert rows["mean of rounds 2-3 (%)"] == ["50.0", "60.0"]
+    assert rows["rounds 2-3 minus a (points)"] == ["+0.0", "+10.0"]
+    assert report_main([*runs, "--window", "4-5", "--reference", "a"]) == 0
+    rows = report_rows(capsys.readouterr().out)
+    assert rows["mean of rounds 4-5 (%)"] == ["85.0", "–"], "a run short of the window: no value"
+    assert rows["rounds 4-5 minus a (points)"] == ["+0.0", "–"]
+    assert report_main([*runs, "--reference", "c"]) == 2
+    assert "--reference 'c' is not one of the runs: a, b" in capsys.readouterr().err
+
+
+def test_report_warns_first_when_runs_differ_in_provenance(tmp_path: Path, capsys):
+    write_run(tmp_path / "a", [0.5], {"method": "fedavg"})
+    write_run(
+        tmp_path / "b", [0.6], {"method": "fedbat"}, environment={**ENVIRONMENT, "torch_threads": 2}
+    )
+    write_run(tmp_path / "old", [0.6], {"method": "fedbat"}, environment={})
+    out = ["--output", str(tmp_path / "r")]
+    capsys.readouterr()
+    assert report_main([str(tmp_path / n) for n in ("a", "b", "old")] + out) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("> **WARNING: these runs differ in provenance")
+    assert "> - no recorded environment: old" in lines
+    assert "> - torch_threads differs: a=1, b=2" in lines
+    assert (tmp_path / "r" / "table.md").read_text().startswith("> **WARNING")
+    write_run(tmp_path / "c", [0.7], {"method": "fedbat"})  # a's environment
+    capsys.readouterr()
+    assert report_main([str(tmp_path / "a"), str(tmp_path / "c"), *out]) == 0
+    text = capsys.readouterr().out
+    assert "WARNING" not in text and text.startswith("|  | a | c |"), "one environment: no warning"
 
 
 def test_runs_sharing_a_folder_name_are_told_apart_by_their_parents(tmp_path: Path, capsys):

@@ -139,3 +139,32 @@ def test_any_flower_aggregator_receives_decoded_weights(aggregator):
 def test_unknown_aggregator_names_allowed_values():
     with pytest.raises(ValueError, match=r"'nope'.*allowed.*'fedavg'"):
         make("nope")
+
+
+@pytest.mark.parametrize("aggregator", ["fedadam", "fedyogi"])
+def test_server_optimizers_step_parameters_and_average_statistics(aggregator: str):
+    """FedAdam / FedYogi over many rounds: the master stays float32 (Flower's step is float64),
+    and BatchNorm running variances take the weighted mean of the clients' statistics, so a
+    small variance stays positive instead of being stepped by eta like a weight."""
+    strategy = make(aggregator)
+    strategy.global_arrays["bn.running_var"] = np.full(5, 0.05, np.float32)
+    rng = np.random.default_rng(2)
+    for server_round in range(1, 21):
+        replies = [reply(n, signs_record(SPEC, rng, 0.02), num_examples=n) for n in (1, 2, 3)]
+        master = strategy.global_arrays
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        new = record_to_arrays(arrays)
+        assert all(v.dtype == np.float32 for v in new.values()), {
+            k: v.dtype for k, v in new.items()
+        }
+        implied = [master["bn.running_var"] * np.exp(decode_signs(
+            record_to_payload(r.content["arrays"]), SPEC, BOUNDS)["bn.running_var"])
+            for r in replies]  # fmt: skip
+        expected = sum(w / 6 * v for w, v in zip((1, 2, 3), implied, strict=True))
+        np.testing.assert_allclose(new["bn.running_var"], expected, rtol=1e-6)
+        assert np.all(new["bn.running_var"] > 0)
+        assert not np.allclose(new["conv.weight"], master["conv.weight"]), "weights step"
+        strategy.global_arrays = new
+    assert set(strategy.aggregator.state()) == {
+        f"{m}/{name}" for m in ("m_t", "v_t") for name in ("conv.weight", "bn.weight")
+    }, "the optimizer's moments cover the trainable parameters only"

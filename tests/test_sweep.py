@@ -26,6 +26,7 @@ from fedbat_flwr.results import RunRecorder
 from fedbat_tools import report, sweep
 from fedbat_tools.localrun import APP_DIR, processes_under
 from fedbat_tools.sweep import Suite, SuiteError, expand, load_suite
+from tests.leftovers import nothing_left_behind
 
 METHODS = ["fedavg", "fedbat"]
 PAPER_METHODS = [
@@ -48,6 +49,14 @@ REQUIRED_CSV = (
 
 def read_csv(path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(path.read_text().splitlines()))
+
+
+def md_section(md: str, heading: str) -> list[str]:
+    """The lines of table.md's section `## <heading>` (up to the next heading)."""
+    lines = md.splitlines()
+    start = lines.index(f"## {heading}") + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return lines[start:end]
 
 
 def write_suite(tmp_path: Path, text: str) -> Path:
@@ -96,6 +105,19 @@ grid: {method: [fedavg, fedbat], num-clients: [4, 8], seed: [0, 1]}
         ("name: t\nbase: {num-clients: 2}\npaper: {fedavg: {x: {}}}\n", "expected an integer N"),
         ("name: t\nbase: {num-clients: 2}\npaper: {fedavg: {3: {iid: 92}}}\n", "[mean, std]"),
         ("name: t\nbase: {num-clients: 2\n", "not valid YAML"),
+        (
+            "name: t\nbase: {num-clients: 2}\ngrid: {method: [fedavg, fedbat]}\nreference: topk\n",
+            "suite 'reference' = 'topk' is not a method of the grid; allowed: fedavg, fedbat",
+        ),
+        ("name: t\nbase: {num-clients: 2}\nreference: [fedbat]\n", "'reference' must be a str"),
+        (
+            "name: t\nbase: {num-clients: 2, num-server-rounds: 3}\nwindow: [2, 4]\n",
+            "suite 'window' = [2, 4]: the last round must be <= num-server-rounds = 3",
+        ),
+        ("name: t\nbase: {num-clients: 2}\nwindow: [3, 2]\n", "suite 'window' = [3, 2]: expected"),
+        ("name: t\nbase: {num-clients: 2}\nwindow: [0, 2]\n", "1 <= lo <= hi"),
+        ("name: t\nbase: {num-clients: 2}\nwindow: 10\n", "suite 'window' = 10: expected [lo, hi]"),
+        ("name: t\nbase: {num-clients: 2}\nwindow: [1.5, 2]\n", "suite 'window' = [1.5, 2]"),
         ("- a\n- b\n", "must be a mapping"),
     ],
 )
@@ -194,9 +216,18 @@ def fake_run(
     config: dict | None = None,
     finish: bool = True,
     row_extra: dict | None = None,
+    environment: dict | None = None,
 ) -> None:
-    """A run dir written through the results contract, as the ServerApp writes it."""
-    recorder = RunRecorder(run_dir, method, config or {}, num_params=10, num_rounds=len(accuracies))
+    """A run dir written through the results contract, as the ServerApp writes it (summary.json's
+    `environment` is null unless given, like a run from before it was recorded)."""
+    recorder = RunRecorder(
+        run_dir,
+        method,
+        config or {},
+        num_params=10,
+        num_rounds=len(accuracies),
+        environment=dict(environment or {}),
+    )
     for i, acc in enumerate(accuracies, 1):
         row = {
             "round": i, "method": method, "test_accuracy": acc, "test_loss": 1.0,
@@ -322,7 +353,7 @@ def test_report_files(tmp_path: Path) -> None:
         "accuracy_vs_bits.png",
     }  # fmt: skip
     md = (tmp_path / "table.md").read_text()
-    header = next(line for line in md.splitlines() if line.startswith("| method | iid"))
+    header = md_section(md, "Final accuracy (%), mean ± std over seeds")[1]
     assert header == (
         "| method | iid, N=10 | iid, N=10 (paper) | shard, N=10 | shard, N=10 (paper) |"
     )
@@ -354,6 +385,198 @@ def test_mask_density_and_downlink_bits_reach_the_tables(tmp_path: Path) -> None
     (row,) = read_csv(tmp_path / "table.csv")
     assert float(row["final_model_sparsity"]) == pytest.approx(0.8)
     assert float(row["downlink_bits_per_param"]) == pytest.approx(32.0)
+
+
+# Columns of table.csv before the intervals: their names and order are a contract.
+CSV_BEFORE_INTERVALS = (
+    "method", "label", "partitioner", "num_clients", "extras", "num_seeds", "rounds",
+    "final_accuracy_mean", "final_accuracy_std", "final_mean_last5", "final_mean_last5_std",
+    "best_accuracy_mean", "uplink_mb", "downlink_mb", "uplink_bits_per_param",
+    "paper_accuracy_mean", "paper_accuracy_std", "downlink_bits_per_param",
+    "final_model_sparsity",
+)  # fmt: skip
+CSV_INTERVALS = (
+    "window_lo", "window_hi", "window_mean", "window_ci95", "final_accuracy_ci95",
+    "paired_diff_mean", "paired_diff_ci95", "paired_seeds",
+)  # fmt: skip
+# Final (= rounds 3-4) accuracy per seed: fedbat - fedavg is +1, +3, +0 points; fedavg also ran
+# seed 3, which fedbat did not (it is left out of the pairs).
+PAIRED_FINALS = {"fedavg": (0.70, 0.72, 0.74, 0.76), "fedbat": (0.71, 0.75, 0.74)}
+
+
+def paired_runs(root: Path, environments: dict[str, dict] | None = None) -> list[report.RunResult]:
+    """Four-round runs of PAIRED_FINALS on one column; `environments` by run name."""
+    runs = []
+    for method, finals in PAIRED_FINALS.items():
+        for seed, final in enumerate(finals):
+            run_dir = root / f"{method}-shard-n10-s{seed}"
+            env = (environments or {}).get(run_dir.name)
+            fake_run(run_dir, [0.5, None, final, final], method=method, environment=env)
+            runs.append(report.load_run(run_dir, report.GroupKey(method, "shard", 10), seed))
+    return runs
+
+
+def half_width(values: list[float]) -> float:
+    """The 95 % Student-t half-width, written out: t(0.975, n-1) * s / sqrt(n)."""
+    t = {2: 12.706, 3: 4.303, 4: 3.182}[len(values)]
+    return t * float(np.std(values, ddof=1)) / np.sqrt(len(values))
+
+
+def pct_pm(values: list[float], signed: bool = False) -> str:
+    """How the interval tables print mean ± half-width of fractions, in points."""
+    mean = f"{100 * float(np.mean(values)):{'+' if signed else ''}.1f}"
+    return f"{mean} ± {100 * half_width(values):.1f} (n={len(values)})"
+
+
+def test_headline_tables_give_the_95_interval_over_seeds_for_window_and_final(
+    tmp_path: Path,
+) -> None:
+    runs = paired_runs(tmp_path / "runs")
+    fake_run(tmp_path / "runs" / "topk-s0", [0.2, 0.3, 0.4, 0.61], method="topk")
+    runs.append(
+        report.load_run(tmp_path / "runs" / "topk-s0", report.GroupKey("topk", "shard", 10), 0)
+    )
+    report.write_report(runs, tmp_path, title="t", labels={}, paper={})
+    md = (tmp_path / "table.md").read_text()
+    # Default window: the last 10 rounds of 4, i.e. all; round 2 was not evaluated.
+    window = md_section(md, "Mean accuracy of rounds 1-4 (%), mean ± 95 % interval over seeds")
+    fedbat_means = [(0.5 + 2 * f) / 3 for f in PAIRED_FINALS["fedbat"]]
+    assert f"| fedbat | {pct_pm(fedbat_means)} |" in window
+    final = md_section(md, "Final-round accuracy (%), mean ± 95 % interval over seeds")
+    assert f"| fedavg | {pct_pm(list(PAIRED_FINALS['fedavg']))} |" in final
+    assert "| fedbat | 73.3 ± 5.2 (n=3) |" in final  # 4.303 * 2.08 / sqrt(3) points
+    assert "| topk | 61.0 (1 seed) |" in final
+    assert "Paired by seed" not in md  # no reference named
+
+
+def test_paired_table_lists_differences_per_seed_and_their_interval(tmp_path: Path) -> None:
+    report.write_report(
+        paired_runs(tmp_path / "runs"),
+        tmp_path,
+        title="t",
+        labels={"fedavg": "FedAvg"},
+        paper={},
+        window=(3, 4),
+        reference="fedavg",
+    )
+    md = (tmp_path / "table.md").read_text()
+    paired = md_section(md, "Paired by seed against FedAvg (points, method − FedAvg)")
+    diffs = [0.01, 0.03, 0.0]  # seed 3: fedavg only
+    per_seed = "s0 +1.0, s1 +3.0, s2 +0.0"
+    interval = pct_pm(diffs, signed=True)
+    assert interval == "+1.3 ± 3.8 (n=3)"
+    assert f"| shard, N=10 | fedbat | {per_seed} | {interval} | {per_seed} | {interval} |" in paired
+    assert not any("| FedAvg |" in line for line in paired), "the reference is not paired"
+    rows = {r["method"]: r for r in read_csv(tmp_path / "table.csv")}
+    fedbat, fedavg = rows["fedbat"], rows["fedavg"]
+    assert (fedbat["window_lo"], fedbat["window_hi"], fedbat["paired_seeds"]) == ("3", "4", "0;1;2")
+    assert float(fedbat["paired_diff_mean"]) == pytest.approx(np.mean(diffs), abs=1e-6)
+    assert float(fedbat["paired_diff_ci95"]) == pytest.approx(half_width(diffs), abs=1e-6)
+    assert float(fedbat["window_mean"]) == pytest.approx(np.mean(PAIRED_FINALS["fedbat"]))
+    finals = list(PAIRED_FINALS["fedavg"])
+    assert float(fedavg["final_accuracy_ci95"]) == pytest.approx(half_width(finals), abs=1e-6)
+    assert fedavg["paired_diff_mean"] == fedavg["paired_diff_ci95"] == fedavg["paired_seeds"] == ""
+
+
+def test_csv_appends_the_interval_columns_after_the_old_ones(tmp_path: Path) -> None:
+    fake_run(tmp_path / "runs" / "one", [0.3, 0.4], method="fedbat")
+    run = report.load_run(tmp_path / "runs" / "one", report.GroupKey("fedbat", "iid", 2), 0)
+    report.write_report([run], tmp_path, title="t", labels={}, paper={})
+    header = (tmp_path / "table.csv").read_text().splitlines()[0].split(",")
+    assert header == [*CSV_BEFORE_INTERVALS, *CSV_INTERVALS]
+    assert list(report.CSV_COLUMNS) == header
+    (row,) = read_csv(tmp_path / "table.csv")
+    assert (row["window_lo"], row["window_hi"], row["window_mean"]) == ("1", "2", "0.350000")
+    assert row["window_ci95"] == row["final_accuracy_ci95"] == "", "one seed has no interval"
+
+
+def test_provenance_warning_opens_the_table_only_when_runs_differ(tmp_path: Path) -> None:
+    env = {"commit": "a" * 40, "dirty": False, "python": "3.12.3", "torch_threads": 1}
+    names = [
+        f"{m}-shard-n10-s{s}" for m, finals in PAIRED_FINALS.items() for s in range(len(finals))
+    ]
+    same = paired_runs(tmp_path / "same", dict.fromkeys(names, env))
+    report.write_report(same, tmp_path / "same", title="t", labels={}, paper={})
+    assert "WARNING" not in (tmp_path / "same" / "table.md").read_text()
+
+    envs = {**dict.fromkeys(names, env), "fedbat-shard-n10-s1": {**env, "commit": "b" * 40}}
+    envs["fedbat-shard-n10-s2"] = None  # a run from before environments were recorded
+    differ = paired_runs(tmp_path / "differ", envs)
+    report.write_report(differ, tmp_path / "differ", title="t", labels={}, paper={})
+    lines = (tmp_path / "differ" / "table.md").read_text().splitlines()
+    assert lines[0].startswith("> **WARNING: these runs differ in provenance")
+    block = lines[: lines.index("# t")]
+    assert "> - no recorded environment: fedbat-shard-n10-s2" in block
+    commit = next(line for line in block if line.startswith("> - commit differs: "))
+    assert "fedbat-shard-n10-s1=bbbbbbbbbb" in commit and "fedavg-shard-n10-s0=aaaaaaaaaa" in commit
+    assert not any("python" in line for line in block), "only keys that differ are listed"
+
+
+def finish_every_cell(suite: Suite, runs: Path) -> None:
+    """Three rounds a cell; fedbat is 2 points above fedavg from round 2 on, in every seed."""
+    for cell in expand(suite):
+        acc = 0.5 + 0.01 * cell.seed + (0.02 if cell.key.method == "fedbat" else 0.0)
+        config = cell.run_config
+        fake_run(runs / cell.run_name, [0.3, acc, acc], method=cell.key.method, config=config)
+
+
+def test_suite_window_and_reference_reach_the_tables(tmp_path: Path) -> None:
+    """The default window is the suite's last 10 rounds; `window`, `reference` (the YAML keys,
+    or --window / --reference over them) choose another window and add the paired table."""
+    suite = load_suite(write_suite(tmp_path, VALID), known_methods=METHODS)
+    finish_every_cell(suite, tmp_path / "out" / "runs")
+    assert sweep.write_tables(suite, expand(suite), tmp_path / "out")
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "## Mean accuracy of rounds 1-3 (%), mean ± 95 % interval over seeds" in md
+    assert "Paired by seed" not in md
+    chosen = sweep.with_report_options(suite, window=(2, 3), reference="fedavg")
+    sweep.write_tables(chosen, expand(chosen), tmp_path / "out")
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "## Mean accuracy of rounds 2-3 (%), mean ± 95 % interval over seeds" in md
+    paired = md_section(md, "Paired by seed against fedavg (points, method − fedavg)")
+    assert "| shard, N=4 | fedbat | s0 +2.0, s1 +2.0 | +2.0 ± 0.0 (n=2) |" in "\n".join(paired)
+    with pytest.raises(SuiteError, match="'reference' = 'topk' is not a method of the grid"):
+        sweep.with_report_options(suite, reference="topk")
+    with pytest.raises(SuiteError, match=r"'window' = \[2, 9\]: the last round must be <= "):
+        sweep.with_report_options(suite, window=(2, 9))
+
+
+def test_cli_takes_window_and_reference(tmp_path: Path, capsys) -> None:
+    path = write_suite(tmp_path, VALID)
+    finish_every_cell(load_suite(path, known_methods=METHODS), tmp_path / "out" / "runs")
+    out = ["--output", str(tmp_path / "out"), "--report-only"]
+    assert sweep.main([str(path), *out, "--window", "2-3", "--reference", "fedbat"]) == 0
+    md = (tmp_path / "out" / "table.md").read_text()
+    paired = md_section(md, "Paired by seed against fedbat (points, method − fedbat)")
+    assert "| shard, N=8 | fedavg | s0 -2.0, s1 -2.0 | -2.0 ± 0.0 (n=2) |" in "\n".join(paired)
+    assert sweep.main([str(path), *out, "--reference", "nope"]) == 2
+    assert "'reference' = 'nope' is not a method of the grid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main([str(path), *out, "--window", "3-2"])
+    assert "window '3-2': expected LO-HI with 1 <= LO <= HI" in capsys.readouterr().err
+
+
+def test_plots_shade_the_spread_of_groups_with_two_or_more_seeds(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    runs = paired_runs(tmp_path / "runs")
+    fake_run(tmp_path / "runs" / "topk-s0", [0.2, 0.3, 0.4, 0.6], method="topk")
+    runs.append(
+        report.load_run(tmp_path / "runs" / "topk-s0", report.GroupKey("topk", "shard", 10), 0)
+    )
+    by_group = report.curves(runs)
+    fedbat = by_group[report.GroupKey("fedbat", "shard", 10)]
+    assert fedbat.rounds.tolist() == [1, 3, 4] and fedbat.seeds.tolist() == [3, 3, 3]
+    assert fedbat.low[-1] == pytest.approx(71.0) and fedbat.high[-1] == pytest.approx(75.0)
+    colours = {k.row: "C0" for k in by_group}
+    for method, bands in (("fedbat", 1), ("topk", 0)):
+        ax = Figure().subplots()
+        members = {k: c for k, c in by_group.items() if k.method == method}
+        report._panel(ax, (10, "shard"), members, report.ROUND_AXIS, colours, {})
+        assert len(ax.collections) == bands, method
+    written = report.write_plots(runs, report.aggregate(runs), tmp_path, title="t", labels={})
+    assert written[0].name == "accuracy_vs_round.png"
+    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_only_uses_finished_cells_of_the_suite(tmp_path: Path) -> None:
@@ -430,7 +653,8 @@ def test_smoke_sweep_end_to_end_and_resume(tmp_path: Path) -> None:
     interrupted = out / "runs" / "fedbat-iid-n3-s0"
     fake_run(interrupted, [0.5], finish=False)
     (interrupted / "FAILED").write_text("interrupted (SIGINT)\n")
-    output = run_cli("conf/smoke.yaml", "--output", str(out))
+    with nothing_left_behind():  # no Flower home, Ray session folder or process stays
+        output = run_cli("conf/smoke.yaml", "--output", str(out))
     assert "2 cells (1 pending, 1 interrupted); 4 rounds to run" in output
     assert_superlink_gone(output)
     assert re.findall(r"cell \d/2 (\S+) started", output) == [
