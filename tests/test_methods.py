@@ -133,7 +133,8 @@ def test_method_keys_are_in_pyproject() -> None:
     [("signsgd", "signsgd-alpha", 0.0), ("noisy-signsgd", "noisy-sigma", -1.0),
      ("stoc-signsgd", "stoc-alpha", math.nan), ("fedpaq", "quant-bits", 9),
      ("topk", "topk-density", 0.0), ("topk", "topk-density", 1.5),
-     ("zerofl", "zerofl-sparsity", 1.0), ("zerofl", "zerofl-density", -0.1)],
+     ("zerofl", "zerofl-sparsity", 1.0), ("zerofl", "zerofl-density", -0.1),
+     ("zerofl", "zerofl-max-update-entry", 0.0), ("zerofl", "zerofl-max-update-entry", math.inf)],
 )  # fmt: skip
 def test_bad_method_options_name_the_key(name: str, key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):

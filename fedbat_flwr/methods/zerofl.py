@@ -7,6 +7,13 @@ sparse weights and gives *every* weight its gradient (straight-through), so the 
 change from step to step. Not implemented: SWAT's top-k sparsification of the activations kept
 for the backward pass, which saves compute and memory but changes no bit on the wire.
 
+The server's bound on a reply's update entries is ZeroFL's own (`zerofl-max-update-entry`), not
+the `max-update-entry` calibrated on FedAvg-like updates: a weight outside the forward pass still
+gets its gradient but never changes the loss, so it drifts by lr x steps x |gradient| with nothing
+pulling it back; honest first-layer updates are far above FedAvg's (docs/ARCHITECTURE.md,
+"Influence of one client", has the measurement). The bound only keeps sums finite; a hostile
+ZeroFL client is bounded by a robust aggregator (median, trimmed mean, Krum), not by it.
+
 Upload as `topk` (Appendix A.2: "prune the model updates after training", 97% sparsity): per
 parameter tensor the largest `zerofl-density` (0.03) of |update| as float32 values with compact
 positions; BatchNorm running statistics whole, refitted to the sent update (`encode_top_k`).
@@ -15,13 +22,17 @@ positions; BatchNorm running statistics whole, refitted to the sent update (`enc
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from ..config import RunConfig
+from ..wire import AlphaBounds
 from .base import ClientUpdate, LocalTask, Method, register
 from .common import encode_top_k, local_delta, option, parametrized_weights, train_plain
+
+MAX_UPDATE_KEY = "zerofl-max-update-entry"
 
 
 class TopKWeights(nn.Module):
@@ -44,7 +55,7 @@ class ZeroFL(Method):
 
     name = "zerofl"
     payload_kind = "sparse"
-    options = ("zerofl-sparsity", "zerofl-density")
+    options = ("zerofl-sparsity", "zerofl-density", "zerofl-max-update-entry")
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
@@ -54,6 +65,15 @@ class ZeroFL(Method):
         self.density = option(
             config, "zerofl-density", 0.03, lambda r: 0.0 < r <= 1.0, "a float in (0, 1]"
         )
+        self.step_bounds(config)  # its bound is checked at start-up with the other options
+
+    @classmethod
+    def step_bounds(cls, config: RunConfig) -> AlphaBounds:
+        """The run's bounds, with ZeroFL's own bound on an update entry (module docstring)."""
+        bound = option(
+            config, MAX_UPDATE_KEY, 1e6, lambda b: 0.0 < b < math.inf, "a float in (0, inf)"
+        )
+        return replace(super().step_bounds(config), update=bound)
 
     def train(self, task: LocalTask) -> ClientUpdate:
         with parametrized_weights(task.model, lambda: TopKWeights(self.sparsity)):
