@@ -7,15 +7,16 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .bn_refit import statistic_names
+from .client import run_round
 from .config import ConfigError, RunConfig
 from .data import TensorData, load_partition
 from .keys import ARRAYS_KEY, METRICS_KEY, NODE_INFO_KEY, NUM_EXAMPLES_KEY, PARTITION_ID_KEY
-from .methods import client_task, get_method
-from .records import arrays_to_record, payload_to_record, record_to_arrays, record_to_payload
+from .methods import get_method
+from .records import arrays_to_record, record_to_arrays
 from .task import build_model_for, data_config, load_state, model_spec, state_arrays
 from .training import (
     TensorBatches,
@@ -26,8 +27,6 @@ from .training import (
     recompute_batchnorm_statistics,
     use_threads,
 )
-
-STATE_KEY = "method-state"  # this client's method memory (EF residual, virtual bits, ...)
 
 app = ClientApp()
 
@@ -50,20 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     inject_fault(config, partition_id, server_round)  # test hook, off by default
     data = load_partition(data_config(config, num_partitions), partition_id)
-    state = record_to_arrays(context.state.array_records.get(STATE_KEY, ArrayRecord()))
-    # The dense global model, or a method's own downlink payload (raw arrays) it decodes.
-    downlink = record_to_payload(msg.content[ARRAYS_KEY])
-    task = client_task(
-        method, data, downlink, partition_id=partition_id, server_round=server_round, state=state
-    )
-    update = method.train(task)
-    if task.state:
-        context.state[STATE_KEY] = arrays_to_record(task.state)
-
-    pack = arrays_to_record if method.payload_kind == "dense" else payload_to_record
-    metrics = MetricRecord({NUM_EXAMPLES_KEY: update.num_examples, **update.metrics})
-    content = RecordDict({ARRAYS_KEY: pack(update.payload), METRICS_KEY: metrics})
-    return Message(content=content, reply_to=msg)
+    return run_round(method, data, msg, client_id=partition_id, memory=context.state)
 
 
 @app.query()

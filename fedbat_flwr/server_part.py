@@ -22,16 +22,18 @@ A method overrides what its server does differently:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from flwr.app import ArrayRecord
 
-from .aggregators import Aggregator, OwnAggregator
 from .broadcast import Broadcast
 from .config import ConfigError, RunConfig
 from .records import arrays_to_record, payload_to_record
 from .wire import Decoded, ModelSpec, PayloadError, is_binarized
+
+if TYPE_CHECKING:  # the aggregators (flwr.serverapp) load only where a server runs
+    from .aggregators import Aggregator
 
 Arrays = dict[str, np.ndarray]
 
@@ -102,6 +104,8 @@ class OwnServerPart(ServerPart):
 
     def aggregator(self, configured: Aggregator) -> Aggregator:
         """`aggregate` instead of the run's aggregator (such methods require `fedavg`)."""
+        from .aggregators import OwnAggregator
+
         return OwnAggregator(self.aggregate)
 
     def payload(

@@ -92,6 +92,7 @@ class ValidatingStrategy(FedAvg):
         round_offset: int = 0,
         rounds: MutableMapping[int, RoundStats] | None = None,
         sampler: PartitionSampler | None = None,
+        client_config: Mapping[str, Any] | None = None,
         **flower_kwargs: Any,
     ) -> None:
         if num_examples_policy not in NUM_EXAMPLES_POLICIES:
@@ -111,6 +112,11 @@ class ValidatingStrategy(FedAvg):
         # None: Flower's own sampling (random node ids); else partitions drawn by (seed, round).
         self.sampler = sampler
         self.trained_nodes: list[int] = []  # the nodes of this round's train messages
+        # Added to every train message's config: what a client step needs to know of the run
+        # (method and its options; fedbat_flwr.client reads them).
+        self.client_config = dict(client_config or {})
+        # What `start` should begin from, when the strategy was built from a model's arrays.
+        self.initial_arrays: ArrayRecord | None = None
 
     # -- a training round ----------------------------------------------------------------------
     def configure_train(
@@ -119,7 +125,11 @@ class ValidatingStrategy(FedAvg):
         """Remember the master model the replies are updates of; send the part's downlink."""
         server_round += self.round_offset
         stats = self.rounds[server_round] = RoundStats()
-        self.global_arrays = record_to_arrays(arrays)
+        # The spec's tensors only (a state_dict's num_batches_tracked stays with the clients).
+        names = set(self.spec.names)
+        self.global_arrays = {k: v for k, v in record_to_arrays(arrays).items() if k in names}
+        for key, value in self.client_config.items():
+            config[key] = value
         sent = self.part.downlink(self.global_arrays, server_round)
         if self.sampler is None:
             messages = list(super().configure_train(server_round, arrays, config, grid))

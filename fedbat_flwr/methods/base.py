@@ -78,6 +78,17 @@ class Method(ABC):
             )
         self.config = config
 
+    @classmethod
+    def check_options(cls, config: RunConfig) -> None:
+        """Check this method's `options` as `config` sets them, whichever method the run chose.
+
+        The method is built from its own options with every other key at its default, so only
+        a value (or a combination of its own options) this method refuses raises ConfigError:
+        a run of another method thereby refuses `topk-density = 5`, which nothing accepts.
+        """
+        own = {key: value for key, value in config.to_flower().items() if key in cls.options}
+        cls(RunConfig.from_flower({**own, "method": cls.name}))
+
     @abstractmethod
     def train(self, task: LocalTask) -> ClientUpdate:
         """Run one client round and encode the result."""
@@ -164,16 +175,17 @@ def client_task(
     server_round: int,
     state: MutableMapping[str, np.ndarray] | None = None,
     device: torch.device | None = None,
+    model: nn.Module | None = None,
 ) -> LocalTask:
     """One client round's LocalTask, exactly as the ClientApp builds it.
 
-    The model is built from the run config, starts from what `method.receive` makes of the
-    downlink, and trains on `data` in an order seeded by (run seed, round, partition).
+    The model (the run config's unless one is given) starts from what `method.receive` makes
+    of the downlink, and trains on `data` in an order seeded by (run seed, round, partition).
     """
     config = method.config
     device = device or default_device()
     state = {} if state is None else state
-    model = build_model_for(config)
+    model = build_model_for(config) if model is None else model
     spec = model_spec(model)
     global_state = method.receive(downlink, spec, state)
     load_state(model, global_state)
