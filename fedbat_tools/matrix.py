@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedbat_flwr import server_app
+from fedbat_flwr import provenance, server_app
 from fedbat_flwr.aggregators import AGGREGATORS
 from fedbat_flwr.client_app import measure_network
 from fedbat_flwr.config import ConfigError, RunConfig
@@ -72,17 +74,13 @@ class Cell:
     aggregator: str
     status: str  # "ok" | "refused" | "failed"
     reason: str = ""
-    accuracy: list[float] = field(default_factory=list)  # test accuracy after each round
+    final_accuracy: float = float("nan")  # test accuracy after the last round
     rejected: int = 0  # replies the server refused, all rounds
     uplink_bits_per_param: float = float("nan")
     max_update: dict[str, float] = field(default_factory=dict)  # tensor -> largest |entry|
     seconds: float = 0.0
     # The global arrays after the last round (not written to cells.jsonl).
     final_model: dict[str, np.ndarray] | None = field(default=None, repr=False)
-
-    @property
-    def final(self) -> float:
-        return self.accuracy[-1] if self.accuracy else float("nan")
 
 
 class Federation:
@@ -138,7 +136,7 @@ def _train(federation: Federation, method: Method, config: RunConfig, cell: Cell
             master = record_to_arrays(arrays)
         if part.refits_statistics:
             _refit(federation, config, part, master, strategy, server_round)
-        cell.accuracy.append(_test(federation.test, config, part.eval_arrays(master)))
+    cell.final_accuracy = _test(federation.test, config, part.eval_arrays(master))
     cell.uplink_bits_per_param = float(np.mean(bits))
     cell.final_model = master
 
@@ -188,32 +186,46 @@ def _test(test: TensorData, config: RunConfig, weights: dict[str, np.ndarray]) -
 def run_matrix(
     protocol: Protocol, methods: Sequence[str], aggregators: Sequence[str], out_dir: Path
 ) -> list[Cell]:
-    """Every combination; cells.jsonl grows as they finish, table.md is written at the end."""
+    """Every combination not in `out_dir`/cells.jsonl yet (it grows as cells finish, so an
+    interrupted matrix resumes), then table.md over all of them."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    federation = Federation(protocol)
-    cells = []
-    with open(out_dir / "cells.jsonl", "w") as fh:
-        for method in methods:
-            for aggregator in aggregators:
-                cell = federation.run(method, aggregator)
-                cells.append(cell)
-                fh.write(json.dumps({**asdict(cell), "final_model": None}) + "\n")
-                fh.flush()
-                print(_progress(cell), flush=True)
-    (out_dir / "table.md").write_text(table(cells, protocol))
+    environment = provenance.environment()
+    done = _finished(out_dir / "cells.jsonl")
+    todo = [(m, a) for m in methods for a in aggregators if (m, a) not in done]
+    federation = Federation(protocol) if todo else None
+    with open(out_dir / "cells.jsonl", "a") as fh:
+        for method, aggregator in todo:
+            assert federation is not None
+            cell = done[(method, aggregator)] = federation.run(method, aggregator)
+            fh.write(json.dumps({**asdict(cell), "final_model": None}) + "\n")
+            fh.flush()
+            print(_progress(cell), flush=True)
+    environment["ended"] = provenance.now_utc()
+    (out_dir / "environment.json").write_text(json.dumps(environment, indent=2) + "\n")
+    cells = [done[(m, a)] for m in methods for a in aggregators]
+    (out_dir / "table.md").write_text(table(cells, protocol, environment))
     return cells
+
+
+def _finished(path: Path) -> dict[tuple[str, str], Cell]:
+    """The cells an earlier call wrote, by (method, aggregator)."""
+    if not path.exists():
+        return {}
+    cells = [Cell(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return {(c.method, c.aggregator): c for c in cells}
 
 
 def _progress(cell: Cell) -> str:
     if cell.status != "ok":
         return f"{cell.method} x {cell.aggregator}: {cell.status}: {cell.reason[:120]}"
     return (
-        f"{cell.method} x {cell.aggregator}: final {cell.final:.3f}, rejected {cell.rejected}, "
-        f"{cell.uplink_bits_per_param:.3f} bit/param, {cell.seconds:.0f} s"
+        f"{cell.method} x {cell.aggregator}: final {cell.final_accuracy:.3f}, "
+        f"rejected {cell.rejected}, {cell.uplink_bits_per_param:.3f} bit/param, "
+        f"{cell.seconds:.0f} s"
     )
 
 
-def table(cells: Sequence[Cell], protocol: Protocol) -> str:
+def table(cells: Sequence[Cell], protocol: Protocol, environment: Mapping[str, Any]) -> str:
     """Markdown: final accuracy per method x aggregator; the refusals; the failures."""
     aggregators = list(dict.fromkeys(c.aggregator for c in cells))
     methods = list(dict.fromkeys(c.method for c in cells))
@@ -226,6 +238,11 @@ def table(cells: Sequence[Cell], protocol: Protocol) -> str:
         "in one process through the app's client and server code (`fedbat_tools/matrix.py`). "
         "Cell: final test accuracy (%) / replies rejected; `refused` = stopped at start-up "
         "(reasons below).",
+        "",
+        f"Commit {environment.get('commit')} (dirty: {environment.get('dirty')}), torch "
+        f"{environment.get('torch')} at {environment.get('torch_threads')} thread(s), "
+        f"{environment.get('cpu')} ({environment.get('cpu_cores')} cores), "
+        f"{environment.get('started')} to {environment.get('ended')}.",
         "",
         "| method | uplink bit/param | " + " | ".join(aggregators) + " |",
         "|---|---:|" + "---:|" * len(aggregators),
@@ -242,7 +259,7 @@ def table(cells: Sequence[Cell], protocol: Protocol) -> str:
 def _cell(cell: Cell) -> str:
     if cell.status != "ok":
         return cell.status
-    return f"{100 * cell.final:.1f} / {cell.rejected}"
+    return f"{100 * cell.final_accuracy:.1f} / {cell.rejected}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -253,10 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=1000)
     parser.add_argument("--methods", nargs="+", default=method_names())
     parser.add_argument("--aggregators", nargs="+", default=list(AGGREGATORS))
+    parser.add_argument("--test-examples", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     use_threads(args.threads)
-    protocol = Protocol(args.rounds, args.clients, args.examples)
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # Flower's per-round notices
+    protocol = Protocol(args.rounds, args.clients, args.examples, args.test_examples)
     run_matrix(protocol, args.methods, args.aggregators, args.output)
     return 0
 
