@@ -12,7 +12,13 @@ import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 # The allowed values of the run config's choice keys; every other module reads them from here.
 CUSTOM = "custom"  # a user's save_to_disk folder in data-dir
@@ -25,8 +31,22 @@ BN_PAYLOADS = ("binary", "float16", "float32")
 DOWNLINK_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)  # wire/downlink.py; 32 = the float32 model
 
 
+# The app folder: the checkout, or in a run the FAB Flower installed (pyproject.toml included).
+APP_ROOT = Path(__file__).resolve().parent.parent
+
+
 class ConfigError(ValueError):
     """A run-config value is not allowed."""
+
+
+def declared_defaults(app_dir: Path = APP_ROOT) -> dict[str, Any]:
+    """Every run-config key the app declares, with its default: pyproject.toml's
+    `[tool.flwr.app.config]` in `app_dir` (empty when the package runs without it)."""
+    path = app_dir / "pyproject.toml"
+    if not path.is_file():
+        return {}
+    with open(path, "rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
 
 
 @dataclass(frozen=True)
@@ -161,7 +181,17 @@ def coerce(key: str, value: Any, kind: type) -> Any:
 def _check_choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
         names = ", ".join(repr(a) for a in allowed)
-        raise ConfigError(f"run-config '{_dash(key)}' = {value!r} is not allowed; allowed: {names}")
+        raise ConfigError(
+            f"run-config '{_dash(key)}' = {value!r} is not allowed; allowed: {names}"
+            + did_you_mean(value, allowed)
+        )
+
+
+def did_you_mean(value: Any, allowed: Any) -> str:
+    """'; did you mean 'x'?' for a string close to one of `allowed`, else ''."""
+    choices = [a for a in allowed if isinstance(a, str)]
+    close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) else []
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _check_range(

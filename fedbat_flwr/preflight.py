@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, RunConfig, check_keys
+from .config import ConfigError, RunConfig, check_keys, did_you_mean
 from .results import (
     TENSORBOARD_KEY,
     CheckpointError,
@@ -69,21 +69,60 @@ def check_nodes(config: RunConfig, num_nodes: int) -> None:
 
 
 def check_method(config: RunConfig) -> Method:
-    """Instantiate the method, which checks every option it reads, and its aggregator's name.
+    """Instantiate the method, which checks every option it reads, and its aggregator's name;
+    then every other method's options (`check_other_options`).
 
     The instance is the one the ServerApp uses for the whole run (`Method.server_part`)."""
     from .aggregators import check_aggregator
-    from .methods import get_method  # torch: only once the cheap checks passed
+    from .methods import get_method, method_names  # torch: only once the cheap checks passed
 
     try:
         method_class = get_method(config.method)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(f"{exc}{did_you_mean(config.method, method_names())}") from None
     method = method_class(config)
     check_aggregator(
         method.aggregator(config), payload_kind=method.payload_kind, method=config.method
     )
+    check_other_options(config)
     return method
+
+
+def check_other_options(config: RunConfig) -> None:
+    """Every option of the methods the run did not choose, as the method that reads it would
+    check it: a value no method accepts (`topk-density = 5`) never starts a run."""
+    from .methods import get_method, method_names
+
+    for name in method_names():
+        if name == config.method:
+            continue
+        try:
+            get_method(name).check_options(config)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (an option of method {name!r})") from None
+
+
+def unread_options(config: RunConfig, defaults: Mapping[str, Any]) -> list[str]:
+    """One warning per method option set away from its default in `defaults` (pyproject's
+    table) that the chosen method does not read, naming the methods that do read it."""
+    from .methods import get_method, method_names
+
+    readers: dict[str, list[str]] = {}
+    for name in method_names():
+        for key in get_method(name).options:
+            readers.setdefault(key, []).append(name)
+    values = config.to_flower()
+    warnings = []
+    for key, names in readers.items():
+        if config.method in names or key not in defaults or values.get(key) == defaults[key]:
+            continue
+        methods = ", ".join(repr(n) for n in names)
+        only = "method" if len(names) == 1 else "methods"
+        warnings.append(
+            f"run-config key {key!r} is read only by {only} {methods}; "
+            f"method {config.method!r} ignores it"
+        )
+    return warnings
 
 
 def check_data(config: RunConfig, *, num_partitions: int) -> None:

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -209,11 +210,18 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             f"resume-from: no checkpoint at {path} (expected a run directory written by "
             "fedbat-flwr, which checkpoints after every round)"
         )
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or partial: not an .npz archive, which fedbat-flwr "
+            "writes after every round"
+        )
     try:
         entries = load_arrays(path)
         meta = json.loads(entries.pop("meta").tobytes().decode())
     except Exception as exc:  # zip, npy and JSON errors all mean the same: unreadable
-        raise CheckpointError(f"checkpoint {path} is corrupt or partial: {exc}") from exc
+        # numpy's text for pickled entries advises loading them unsafely; never do that here.
+        why = "it holds pickled objects" if "pickle" in str(exc) else str(exc) or repr(exc)
+        raise CheckpointError(f"checkpoint {path} is corrupt or partial: {why}") from exc
     if meta.get("version") != CHECKPOINT_VERSION or not isinstance(meta.get("round"), int):
         raise CheckpointError(
             f"checkpoint {path} has version {meta.get('version')!r} / round "
@@ -376,7 +384,11 @@ class RunRecorder:
         if self.config.get(TENSORBOARD_KEY):
             self.scalars = self.scalars or TensorBoardScalars(self.run_dir / TENSORBOARD_DIR)
             self.scalars.add(row)
-        print(progress_line(row, self.num_rounds), flush=True)
+        # ETA: the mean round so far (training + evaluation) times the rounds left.
+        seconds = [r["round_seconds"] for r in self.rows if r.get("round_seconds") is not None]
+        left = self.num_rounds - int(row["round"])
+        eta = sum(seconds) / len(seconds) * left if seconds else None
+        print(progress_line(row, self.num_rounds, self.wall_seconds, eta), flush=True)
 
     def finish(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Write the final model and summary.json; return the summary."""
@@ -433,15 +445,50 @@ class TensorBoardScalars:
         self.writer.close()
 
 
-def progress_line(row: Mapping[str, Any], num_rounds: int) -> str:
+def progress_line(
+    row: Mapping[str, Any],
+    num_rounds: int,
+    elapsed: float | None = None,
+    eta: float | None = None,
+) -> str:
+    """The console line of one round: its row's numbers, then the run's wall time so far
+    (`elapsed`) and the estimated time to its last round (`eta`), when given."""
     acc = row["test_accuracy"]
     acc_text = "   n/a" if acc is None else f"{acc:.4f}"
-    return (
+    line = (
         f"[fedbat-flwr] round {row['round']:>3}/{num_rounds} | {row['method']} | "
         f"test acc {acc_text} | uplink {row['uplink_bits_per_param']:.3f} bit/param | "
         f"replies {row['num_replies']} (+{row['num_rejected']} rejected) | "
         f"{row['round_seconds']:.1f} s"
     )
+    if elapsed is not None:
+        line += f" | elapsed {clock(elapsed)}"
+    if eta is not None:
+        line += f" | ETA {clock(eta)}"
+    return line
+
+
+def final_line(summary: Mapping[str, Any], run_dir: Path) -> str:
+    """One line for the end of a run: rounds and wall time, final and best accuracy, total
+    bytes up and down, and the run folder (from summary.json's keys)."""
+
+    def accuracy(key: str) -> str:
+        value = summary.get(key)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    return (
+        f"{summary['rounds_completed']} rounds in {clock(summary['wall_seconds'])}: "
+        f"final accuracy {accuracy('final_accuracy')}, best {accuracy('best_accuracy')}, "
+        f"uplink {summary['total_uplink_bytes'] / 1e6:.2f} MB, "
+        f"downlink {summary['total_downlink_bytes'] / 1e6:.2f} MB; results in {run_dir}"
+    )
+
+
+def clock(seconds: float) -> str:
+    """Seconds as m:ss, or h:mm:ss from an hour on."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _mean(values: Any) -> float | None:

@@ -9,7 +9,7 @@ writes the round's row and a checkpoint (results.py).
 from __future__ import annotations
 
 import random
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +17,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from .config import RunConfig
+from .config import RunConfig, declared_defaults
 from .data import load_test_set
+from .failure import reason_logged_last
 from .methods import Method
-from .preflight import check_startup, node_wait_timeout, wait_for_nodes
+from .preflight import check_startup, node_wait_timeout, unread_options, wait_for_nodes
 from .provenance import environment
 from .records import arrays_to_record, record_to_arrays
 from .results import (
@@ -30,6 +31,7 @@ from .results import (
     RunRecorder,
     check_resumable,
     default_run_name,
+    final_line,
     load_checkpoint,
     round_row,
 )
@@ -44,10 +46,19 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """The run; if it fails, the one-line reason is the last line of its log (failure.py)."""
+    with reason_logged_last():
+        run(grid, context)
+
+
+def run(grid: Grid, context: Context) -> None:
+    """Check everything knowable before round 1, train, write the results."""
     config = RunConfig.from_flower(context.run_config)
     # Every option, data-dir, output-dir, before any folder is made; the method instance is
     # the run's (its options checked once).
     method = check_startup(config)
+    for warning in unread_options(config, declared_defaults()):
+        log(WARNING, "fedbat-flwr: %s", warning)  # once, and on with the run
     use_threads(config.torch_threads)
     model = build_model_for(config)
     spec = model_spec(model)
@@ -57,17 +68,7 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(config.seed)  # any server-side use of `random` repeats with the seed
     sampler = PartitionSampler(config.seed, wait_timeout=node_wait_timeout(config))
     checkpoint, run_dir = _open_run(config)
-    recorder = RunRecorder.continuing(
-        checkpoint,
-        run_dir,
-        config.method,
-        config.to_flower(),
-        spec.num_params,
-        config.num_server_rounds,
-    )
-    recorder.environment = environment()
-    if checkpoint is not None:
-        recorder.environment["resumed_after_round"] = checkpoint.round
+    recorder = _recorder(config, checkpoint, run_dir, spec.num_params)
     log(INFO, "fedbat-flwr: %s on %s, results in %s", config.method, config.dataset, run_dir)
 
     done = checkpoint.round if checkpoint is not None else 0
@@ -139,16 +140,28 @@ def _open_run(config: RunConfig) -> tuple[Checkpoint | None, Path]:
     return None, output_dir / run_name
 
 
+def _recorder(
+    config: RunConfig, checkpoint: Checkpoint | None, run_dir: Path, num_params: int
+) -> RunRecorder:
+    """The run's results writer: a new run's, or a resumed one's with its rows so far; what
+    produced the run recorded in its environment."""
+    recorder = RunRecorder.continuing(
+        checkpoint,
+        run_dir,
+        config.method,
+        config.to_flower(),
+        num_params,
+        config.num_server_rounds,
+    )
+    recorder.environment = environment()
+    if checkpoint is not None:
+        recorder.environment["resumed_after_round"] = checkpoint.round
+    return recorder
+
+
 def _finish(recorder: RunRecorder, model: dict[str, np.ndarray]) -> None:
     summary = recorder.finish(model)
-    log(
-        INFO,
-        "fedbat-flwr: final accuracy %s, best %s, uplink %.2f MB, results in %s",
-        summary["final_accuracy"],
-        summary["best_accuracy"],
-        summary["total_uplink_bytes"] / 1e6,
-        recorder.run_dir,
-    )
+    log(INFO, "fedbat-flwr: %s", final_line(summary, recorder.run_dir))
 
 
 class CentralEvaluation:

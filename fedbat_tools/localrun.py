@@ -3,7 +3,9 @@
 `flwr run .` starts a detached local SuperLink and leaves it running. Tests, sweeps and scripts
 instead start the SuperLink themselves (same command line as Flower's CLI, runtime dependency
 installation disabled because the environment already holds the app), submit runs with
-`flwr run`, and stop it by PID when done — also on errors and Ctrl-C.
+`flwr run`, and stop it by PID when done — also on errors and Ctrl-C — then remove its private
+Flower home, the temporary folder of every process it started (Ray's session folders too).
+`stop_flower_local_superlink` stops the SuperLink plain `flwr run .` left running.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import argparse
 import functools
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,18 +27,13 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
-from fedbat_flwr.config import ConfigError, RunConfig
+from fedbat_flwr.config import ConfigError, RunConfig, declared_defaults
 from fedbat_flwr.preflight import preflight
-from fedbat_flwr.results import FAILED_FILE, default_run_name
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from fedbat_flwr.results import FAILED_FILE, clock, default_run_name, final_line
 
 APP_DIR = Path(__file__).resolve().parent.parent
 FLOWER_CONFIG = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
@@ -52,11 +51,7 @@ def app_config_defaults(app_dir: Path = APP_DIR) -> dict[str, Any]:
 @functools.lru_cache(maxsize=4)
 def _app_config_defaults(app_dir: Path) -> dict[str, Any]:
     defaults = {f.name.replace("_", "-"): f.default for f in fields(RunConfig) if f.name != "extra"}
-    path = app_dir / "pyproject.toml"
-    if path.exists():
-        with open(path, "rb") as fh:
-            defaults.update(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
-    return defaults
+    return {**defaults, **declared_defaults(app_dir)}
 
 
 def env_script(name: str) -> str:
@@ -87,10 +82,13 @@ class LocalSuperLink:
         free = free_ports(2)
         self.http_port = http_port or free[0]
         self.control_port = control_port or free[1]
-        self.home = Path(tempfile.mkdtemp(prefix="fedbat-flwr-home-"))
+        # Flower home, and the temporary folder of everything started here (Ray's session
+        # folders included): stop() removes it.
+        self.home = Path(tempfile.mkdtemp(prefix="fedbat-home-"))
         (self.home / "config.toml").write_text(FLOWER_CONFIG)
         self.log_path = self.home / "superlink.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -107,6 +105,8 @@ class LocalSuperLink:
             # The checkout a run's code comes from, for its recorded commit (provenance.py).
             FEDBAT_FLWR_SOURCE=str(APP_DIR),
         )
+        if fits_ray_sockets(self.home):  # else Ray's default folder, which it leaves behind
+            env.update(TMPDIR=str(self.home), RAY_TMPDIR=str(self.home))
         return env
 
     def start(self, timeout: float = 60.0) -> None:
@@ -126,9 +126,13 @@ class LocalSuperLink:
             str(self.http_port),
             "--disable-runtime-dependency-installation",
         ]
-        log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the process' lifetime
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open for the process' lifetime
         self.process = subprocess.Popen(
-            command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -147,14 +151,20 @@ class LocalSuperLink:
             return False
 
     def stop(self) -> list[int]:
-        """Stop the SuperLink and everything it spawned, by PID; returns stragglers stopped.
+        """Stop the SuperLink and everything it spawned, by PID, then remove its home (Flower's
+        state and log, installed app bundles, Ray's session folders); returns stragglers
+        stopped.
 
         Stragglers are processes that escaped the tree (e.g. Ray agents adopted by init when
         stopped mid start-up); they inherited this SuperLink's unique FLWR_HOME.
         """
         if self.process is not None and self.process.poll() is None:
             stop_process_group(self.process)
-        return stop_leftovers(self.home)
+        stragglers = stop_leftovers(self.home)
+        if self._log is not None:
+            self._log.close()
+        shutil.rmtree(self.home, ignore_errors=True)
+        return stragglers
 
     def __enter__(self) -> LocalSuperLink:
         self.start()
@@ -209,6 +219,17 @@ class LocalSuperLink:
         finally:
             if proc.poll() is None:
                 stop_process_group(proc)
+
+
+# Ray's longest socket path below its temporary folder: /ray/session_<date>_<time>_<us>_<pid>
+# /sockets/plasma_store with a 7-digit pid; Linux allows 107 bytes for the whole path.
+RAY_SOCKET_TAIL = 68
+SOCKET_PATH_MAX = 107
+
+
+def fits_ray_sockets(folder: Path) -> bool:
+    """True if Ray can make its sockets with `folder` as its temporary folder."""
+    return len(str(folder).encode()) + RAY_SOCKET_TAIL <= SOCKET_PATH_MAX
 
 
 def free_ports(count: int) -> list[int]:
@@ -312,6 +333,55 @@ def is_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def stop_pids(pids: Sequence[int], grace: float = 10.0) -> None:
+    """SIGTERM `pids`, wait up to `grace` s for them to exit, SIGKILL the rest (none of them
+    need be our child: their parents, or init, reap them)."""
+    signal_all(list(pids), signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(is_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    signal_all([pid for pid in pids if is_alive(pid)], signal.SIGKILL)
+
+
+# -- the SuperLink plain `flwr run .` starts ---------------------------------------------------
+def flower_home() -> Path:
+    """The Flower home `flwr` uses: $FLWR_HOME, else ~/.flwr."""
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+
+
+def flower_local_superlink(home: Path, port: str) -> list[int]:
+    """PIDs of what `flwr run` started for a `:local:` connection of Flower home `home`: the
+    detached SuperLink (its `--log-file` lies in `<home>/local-superlink/`) and the executors
+    of its runs (they dial its port, `--runtime-api-address 127.0.0.1:<port>`), with every
+    descendant (simulations, Ray)."""
+    marker, address = f"{home / 'local-superlink'}/".encode(), f"127.0.0.1:{port}".encode()
+    roots = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        programs = [os.path.basename(arg) for arg in argv[:2]]
+        flower = any(name.startswith((b"flower-", b"flwr-")) for name in programs)
+        mine = any(arg.startswith(marker) for arg in argv) or address in argv
+        if flower and mine:
+            roots.append(int(entry.name))
+    return sorted({pid for root in roots for pid in (root, *descendants(root))})
+
+
+def stop_flower_local_superlink(home: Path | None = None) -> list[int]:
+    """Stop, by PID, the SuperLink `flwr run .` left running for Flower home `home` (default:
+    $FLWR_HOME or ~/.flwr) and every process of its runs; returns the PIDs stopped.
+
+    Flower has no command for it, and a SIGTERM to the SuperLink alone leaves a running
+    simulation and its Ray processes behind.
+    """
+    port = os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
+    pids = flower_local_superlink(home or flower_home(), port)
+    stop_pids(pids)
+    return pids
+
+
 # -- stopping on signals ---------------------------------------------------------------------
 class Interrupted(Exception):
     """SIGINT or SIGTERM arrived: unwind, so that `finally` blocks stop what we started."""
@@ -405,6 +475,48 @@ def mark_failed(run_dir: Path, reason: str) -> None:
         (run_dir / FAILED_FILE).write_text(reason + "\n")
 
 
+# -- the console -----------------------------------------------------------------------------
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+# A line Flower's logger wrote: its level, the padding, the message (a tab opens a tree line).
+FLOWER_LINE_RE = re.compile(r"^(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) *: *(?P<message>.*)$")
+# What Flower and Ray print in every run that says nothing to a user of this app.
+NOISE_FRAGMENTS = (
+    "Starting logstream for run_id",
+    "default simulated SuperNodes changed from 10 to 2",  # whatever num-supernodes is
+    "To change federation size, use the following command",
+    "flwr federation simulation-config",
+    "fraction_evaluate is set to 0.0",  # this app evaluates on the server
+    "Manually terminating ClientAppActor",
+    "FutureWarning: Tip: In future versions of Ray",
+    "warnings.warn(",
+)
+NOISE_MESSAGE_RE = re.compile(
+    r"^(Starting \w+ strategy:|\[ROUND \d+/\d+\]|Global evaluation|"
+    r"Strategy execution finished in .*|Final results:)$"
+)
+FAB_INSTALLED_RE = re.compile(r"^Successfully installed \S+ to ")
+# The ServerApp's last line (results.final_line); the runner prints its own, with the total.
+FINAL_LINE_RE = re.compile(r"^fedbat-flwr: \d+ rounds in .*; results in ")
+
+
+def is_noise(line: str) -> bool:
+    """True for a streamed line the console leaves out unless --verbose (log.txt keeps all):
+    Flower's strategy tree and per-round records (this app prints one line a round), its
+    federation-size hints, the app bundle's installation, Ray's FutureWarning."""
+    text = ANSI_RE.sub("", line)
+    if any(fragment in text for fragment in NOISE_FRAGMENTS) or FAB_INSTALLED_RE.match(text):
+        return True
+    match = FLOWER_LINE_RE.match(text)
+    if match is None or match["level"] != "INFO":
+        return False
+    message = match["message"]
+    return (
+        not message.strip()
+        or message.startswith("\t")
+        or bool(NOISE_MESSAGE_RE.match(message) or FINAL_LINE_RE.match(message))
+    )
+
+
 # -- the command behind scripts/run_local.sh -------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -430,6 +542,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--stream", action="store_true", help="accepted; output always streams")
     parser.add_argument("--timeout", type=float, help="seconds before the run is stopped")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print every line Flower and Ray log (the console leaves their routine lines "
+        "out; <run dir>/log.txt always has them all)",
+    )
+    parser.add_argument(
+        "--stop-flwr-superlink",
+        action="store_true",
+        help="only stop the SuperLink plain `flwr run .` left running for $FLWR_HOME "
+        "(default ~/.flwr), and every process of its runs, by PID",
+    )
     return parser
 
 
@@ -451,6 +575,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flwr.common.config import parse_config_args
 
     args = _parser().parse_args(argv)
+    if args.stop_flwr_superlink:
+        stopped = stop_flower_local_superlink()
+        print(f"stopped {len(stopped)} processes of the SuperLink of {flower_home()}")
+        return 0
     try:
         overrides = parse_config_args(args.run_config)
         federation = parse_config_args(args.federation_config)
@@ -462,8 +590,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     return run_and_report(
-        overrides, run_dir, config.num_server_rounds, num_nodes, federation, args.timeout
+        overrides,
+        run_dir,
+        config.num_server_rounds,
+        num_nodes,
+        federation,
+        args.timeout,
+        verbose=args.verbose,
     )
+
+
+def console_and_log(log: IO[str], verbose: bool) -> Callable[[str], None]:
+    """A streamed line goes to `log` always, and to the console unless it `is_noise`."""
+
+    def on_line(text: str) -> None:
+        if verbose or not is_noise(text):
+            print(text, flush=True)
+        log.write(text + "\n")
+        log.flush()
+
+    return on_line
 
 
 def run_and_report(
@@ -473,20 +619,19 @@ def run_and_report(
     num_nodes: int,
     federation: Mapping[str, Any],
     timeout: float | None,
+    *,
+    verbose: bool = False,
 ) -> int:
-    """One run on a SuperLink of our own; its output is streamed and kept in <run dir>/log.txt."""
+    """One run on a SuperLink of our own; its output is streamed (without `is_noise` lines
+    unless `verbose`) and kept whole in <run dir>/log.txt; the SuperLink's home is removed."""
+    started = time.monotonic()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED_FILE).unlink(missing_ok=True)
     log_path = run_dir / "log.txt"
     link = LocalSuperLink()
     code, status, reason, interrupted = 1, None, None, False
     with open(log_path, "a") as log:
-
-        def on_line(text: str) -> None:
-            print(text, flush=True)
-            log.write(text + "\n")
-            log.flush()
-
+        on_line = console_and_log(log, verbose)
         try:
             with stop_on_signals(link.stop):
                 link.start()
@@ -505,7 +650,9 @@ def run_and_report(
             reason = str(exc)
     reason = reason or failure_reason(run_dir, num_rounds, code, status)
     if reason is None:
-        print(f"results in {run_dir}", flush=True)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        total = clock(time.monotonic() - started)
+        print(f"{final_line(summary, run_dir)} ({total} with Flower's start-up)", flush=True)
         return 0
     mark_failed(run_dir, reason)
     print(f"error: {reason} (log: {log_path})", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ if the run wrote all its results; otherwise the last line says why.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -23,12 +24,13 @@ from flwr.common.config import parse_config_args
 
 from fedbat_flwr.config import ConfigError
 from fedbat_flwr.preflight import preflight
+from fedbat_flwr.results import final_line
 from fedbat_tools.deploy import LocalDeployment, deploy_and_run
 from fedbat_tools.localrun import (
-    APP_DIR,
     Interrupted,
     app_config_defaults,
     failure_reason,
+    is_noise,
     mark_failed,
     plan_run,
 )
@@ -64,9 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def show(line: str) -> None:
+    """A line of the run's log on the console, unless it is one of Flower's routine lines
+    (logs/flwr-run.log keeps them all)."""
+    if not is_noise(line):
+        print(line, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    folder = APP_DIR / "outputs" / f"deploy-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    # Where the user stands, as run_local.sh and fedbat-sweep write.
+    folder = Path("outputs").resolve() / f"deploy-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     log_dir = (args.log_dir or folder / "logs").resolve()
     try:
         known = app_config_defaults()
@@ -86,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"[deploy] logs in {log_dir}", flush=True)
     try:
-        code, status = deploy_and_run(
-            deployment, run_config, on_line=lambda s: print(s, flush=True), timeout=args.timeout
-        )
+        code, status = deploy_and_run(deployment, run_config, on_line=show, timeout=args.timeout)
     except Interrupted as exc:
         reason = f"interrupted ({exc}); every process started is stopped"
         mark_failed(run_dir, reason)
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {reason} (logs: {log_dir})", file=sys.stderr)
         return 1
     print(f"[deploy] logs in {log_dir}; every process started is stopped")
-    print(f"results in {run_dir}")
+    print(final_line(json.loads((run_dir / "summary.json").read_text()), run_dir))
     return 0
 
 

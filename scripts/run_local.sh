@@ -10,8 +10,11 @@
 # <run dir>/log.txt, and the SuperLink, its simulation and Ray processes are stopped by PID when
 # the run ends, fails or on Ctrl-C. The exit status is 0 only if the run wrote all its results;
 # otherwise the last line says why (the traceback is in the log) and <run dir>/FAILED holds it.
-# NUM_SUPERNODES=N works as --num-supernodes N.
+# A relative output-dir is relative to the folder this is called from. The console leaves out
+# Flower's and Ray's routine lines (--verbose prints them; log.txt has them all).
+# NUM_SUPERNODES=N works as --num-supernodes N; --stop-flwr-superlink only stops the SuperLink
+# plain `flwr run .` left running.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+app="$(cd "$(dirname "$0")/.." && pwd)"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-exec .venv/bin/python -m fedbat_tools.localrun --num-supernodes "${NUM_SUPERNODES:-10}" "$@"
+exec "$app/.venv/bin/python" -m fedbat_tools.localrun --num-supernodes "${NUM_SUPERNODES:-10}" "$@"

@@ -2,9 +2,9 @@
 folder, no process left behind (issue 18's table, row by row).
 
 Most rows are caught by the pre-flight check before Flower starts, so they run here in
-`localrun.main` (what scripts/run_local.sh executes) without a SuperLink. Two tests start Flower:
-a bad method option through plain `flwr run` (the ServerApp's own start-up check, on the
-test run's shared SuperLink) and Ctrl-C during a simulation (every process stopped).
+`localrun.main` (what scripts/run_local.sh executes) without a SuperLink. One test starts
+Flower: Ctrl-C during a simulation (every process stopped). The ServerApp's own start-up check
+through plain `flwr run` is in test_following_a_run_e2e.py.
 """
 
 from __future__ import annotations
@@ -27,15 +27,14 @@ from fedbat_flwr.results import FAILED_FILE, RunRecorder, default_run_name, hold
 from fedbat_tools import localrun, sweep
 from fedbat_tools.localrun import (
     APP_DIR,
-    LocalSuperLink,
     RunStatus,
     app_config_defaults,
     descendants,
     failure_reason,
     is_alive,
-    latest_run_status,
 )
 from fedbat_tools.sweep import SuiteError, expand, load_suite
+from tests.leftovers import nothing_left_behind
 
 
 def child_pids() -> set[int]:
@@ -68,6 +67,7 @@ def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[
     [
         ("method='nope'", 2, "'method' = 'nope' is unknown"),
         ("method='topk' topk-density=5.0", 2, "'topk-density' = 5.0 is not allowed"),
+        ("method='fedbat' topk-density=5.0", 2, "'topk-density' = 5.0 is not allowed"),
         ("local-epoch=2", 2, "'local-epoch' is unknown; did you mean 'local-epochs'?"),
         ("output-dir='/proc/x'", 2, "'output-dir' = '/proc/x' cannot be created"),
         ("labels-per-client=20", 2, "'labels-per-client' = 20 is more than"),
@@ -209,43 +209,31 @@ SMALL = {"max-examples-per-client": 32, "max-test-examples": 100, "num-server-ro
 
 
 @pytest.mark.e2e
-def test_bad_method_option_through_plain_flwr_run_stops_before_round_1(
-    superlink: LocalSuperLink, tmp_path: Path
-):
-    """No pre-flight here: the ServerApp's start-up check alone stops the run (issue 17)."""
-    config = {**SMALL, "method": "topk", "topk-density": 5.0, "output-dir": str(tmp_path)}
-    lines: list[str] = []
-    superlink.run({**config, "run-name": "topk"}, num_supernodes=2, on_line=lines.append)
-    status = latest_run_status([], superlink.env)  # the run just submitted
-    assert status is not None and status.status == "finished:failed", lines[-20:]
-    assert "'topk-density' = 5.0" in status.details
-    assert not (tmp_path / "topk").exists(), "no folder, no summary.json"
-    assert not any("[fedbat-flwr] round" in line for line in lines)
-
-
-@pytest.mark.e2e
 def test_ctrl_c_stops_every_process_of_the_run(tmp_path: Path):
     command = [sys.executable, "-m", "fedbat_tools.localrun", "--num-supernodes", "2"]
     command += ["--run-config", " ".join(f"{k}={v}" for k, v in SMALL.items())]
     command += ["--run-config", f"num-server-rounds=20 output-dir='{tmp_path}' run-name='c'"]
-    proc = subprocess.Popen(command, cwd=APP_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen: set[int] = set()
     ray_started = False
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            tree = descendants(proc.pid)
-            seen.update(tree)
-            ray_started = any(b"raylet" in _cmdline(pid) for pid in tree)
-            if ray_started:
-                break  # the simulation's Ray processes are up
-            time.sleep(0.5)
-        seen.update(descendants(proc.pid))
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            localrun.stop_process_group(proc)
+    with nothing_left_behind():  # no Flower home, Ray session folder or process stays
+        proc = subprocess.Popen(
+            command, cwd=APP_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and proc.poll() is None:
+                tree = descendants(proc.pid)
+                seen.update(tree)
+                ray_started = any(b"raylet" in _cmdline(pid) for pid in tree)
+                if ray_started:
+                    break  # the simulation's Ray processes are up
+                time.sleep(0.5)
+            seen.update(descendants(proc.pid))
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                localrun.stop_process_group(proc)
     assert proc.returncode == 130, err.decode()
     assert "interrupted" in err.decode().strip().splitlines()[-1]
     assert ray_started, "the simulation never started its Ray processes"
