@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 
 from .bn_refit import statistic_names
 from .client import run_round
-from .config import ConfigError, RunConfig
+from .config import FAULT_KINDS, ConfigError, RunConfig
 from .data import TensorData, load_partition
 from .keys import ARRAYS_KEY, METRICS_KEY, NODE_INFO_KEY, NUM_EXAMPLES_KEY, PARTITION_ID_KEY
 from .methods import get_method
@@ -101,9 +101,6 @@ def measure_network(
     )
     measured = state_arrays(model)
     return {name: measured[name] for name in statistic_names(model_spec(model))}, loss, accuracy
-
-
-FAULT_KINDS = ("raise", "hang")
 
 
 def inject_fault(config: RunConfig, partition_id: int, server_round: int) -> None:

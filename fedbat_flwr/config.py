@@ -28,6 +28,7 @@ AUTO_MODEL = "auto"  # the paper's model for the data set (RunConfig.model_name)
 MODELS = (AUTO_MODEL, "cnn4", "resnet10")  # training/models.py builds all but auto
 NUM_EXAMPLES_POLICIES = ("cap", "reject")
 BN_PAYLOADS = ("binary", "float16", "float32")
+FAULT_KINDS = ("raise", "hang")  # the test hook's `fault-kind` (client_app.inject_fault)
 DOWNLINK_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)  # wire/downlink.py; 32 = the float32 model
 
 

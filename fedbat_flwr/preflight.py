@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, RunConfig, check_keys, did_you_mean
+from .config import FAULT_KINDS, ConfigError, RunConfig, check_keys, did_you_mean
 from .results import (
     TENSORBOARD_KEY,
     CheckpointError,
@@ -53,9 +53,23 @@ def check_startup(config: RunConfig, *, num_nodes: int | None = None) -> Method:
     check_output(config)
     check_tracking(config)
     node_wait_timeout(config)
+    check_fault_hook(config)
     if num_nodes is not None:
         check_nodes(config, num_nodes)
     return method
+
+
+def check_fault_hook(config: RunConfig) -> None:
+    """The test hook's keys (client_app.inject_fault), checked before any ClientApp runs."""
+    checks = (
+        ("fault-partition", -1, lambda v: v >= -1, "an int >= -1 (-1 = off)"),
+        ("fault-round", 0, lambda v: v >= 0, "an int >= 0 (0 = every round)"),
+        ("fault-kind", "raise", lambda v: v in FAULT_KINDS, ", ".join(map(repr, FAULT_KINDS))),
+    )
+    for key, default, ok, allowed in checks:
+        value = config.get(key, default)
+        if not ok(value):
+            raise ConfigError(f"run-config '{key}' = {value!r} is not allowed; allowed: {allowed}")
 
 
 def check_nodes(config: RunConfig, num_nodes: int) -> None:

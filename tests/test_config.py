@@ -76,3 +76,13 @@ def test_pyproject_comments_name_every_allowed_value(key: str, allowed: tuple[st
     (line,) = [x for x in PYPROJECT.read_text().splitlines() if x.startswith(f"{key} = ")]
     comment = line.partition("#")[2]
     assert [a for a in allowed if a not in comment] == []
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("fault-kind", "boom"), ("fault-partition", -3), ("fault-round", -1)]
+)
+def test_the_fault_hook_keys_are_checked_at_start_up(key: str, value: object) -> None:
+    from fedbat_flwr.preflight import check_fault_hook
+
+    with pytest.raises(ConfigError, match=f"'{key}' = {value!r} is not allowed"):
+        check_fault_hook(RunConfig(extra={key: value}))
