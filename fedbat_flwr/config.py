@@ -58,6 +58,7 @@ class RunConfig:
     aggregator: str = "fedavg"
     model: str = AUTO_MODEL
     resnet_width: int = 32
+    cnn4_width: int = 32  # CNN4's first width (paper: 32); 64 / 128 widen it 2x / 4x
     dataset: str = "fashion_mnist"
     data_dir: str = ""
     partitioner: str = "iid"
@@ -106,6 +107,7 @@ class RunConfig:
         if ":" not in self.model:  # else a user's "package.module:build_fn" (task.py builds it)
             _check_choice("model", self.model, MODELS)
         _check_choice("resnet-width", self.resnet_width, (32, 64))
+        _check_choice("cnn4-width", self.cnn4_width, (32, 64, 128))
         for key in ("num_server_rounds", "local_epochs", "batch_size", "eval_every"):
             _check_range(key, getattr(self, key), lo=1)
         for key in ("max_examples_per_client", "max_test_examples", "torch_threads"):

@@ -33,6 +33,7 @@ def build_model_for(config: RunConfig) -> nn.Module:
             num_classes=info.num_classes,
             image_size=info.image_size,
             resnet_widths=(width, 2 * width, 4 * width, 8 * width),
+            cnn4_width=config.cnn4_width,
         )
 
 

@@ -86,3 +86,14 @@ def test_the_fault_hook_keys_are_checked_at_start_up(key: str, value: object) ->
 
     with pytest.raises(ConfigError, match=f"'{key}' = {value!r} is not allowed"):
         check_fault_hook(RunConfig(extra={key: value}))
+
+
+def test_cnn4_width_widens_every_layer_and_is_checked() -> None:
+    from fedbat_flwr.task import build_model_for, model_spec
+
+    narrow, wide = (model_spec(build_model_for(RunConfig(cnn4_width=w))) for w in (32, 64))
+    assert wide["features.0.weight"].shape == (64, 1, 3, 3)
+    assert wide["classifier.weight"].shape == (10, 512)
+    assert 3.5 < wide.num_params / narrow.num_params < 4.5  # widths double: ~4x the weights
+    with pytest.raises(ConfigError, match="'cnn4-width' = 48 is not allowed"):
+        RunConfig(cnn4_width=48)

@@ -76,8 +76,12 @@ CODING_MODELS = ("density", "theta")  # `fedpm-coding-model`: what the range cod
 
 
 @lru_cache(maxsize=4)
-def _reference(model: str, dataset: str, resnet_width: int, seed: int) -> dict[str, np.ndarray]:
-    config = RunConfig(model=model, dataset=dataset, resnet_width=resnet_width, seed=seed)
+def _reference(
+    model: str, dataset: str, resnet_width: int, cnn4_width: int, seed: int
+) -> dict[str, np.ndarray]:
+    config = RunConfig(
+        model=model, dataset=dataset, resnet_width=resnet_width, cnn4_width=cnn4_width, seed=seed
+    )
     net = build_model_for(config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -94,7 +98,8 @@ def _reference(model: str, dataset: str, resnet_width: int, seed: int) -> dict[s
 
 def reference_weights(config: RunConfig) -> dict[str, np.ndarray]:
     """The frozen random network of this run (read-only arrays; never transmitted)."""
-    return _reference(config.model, config.dataset, config.resnet_width, config.seed)
+    c = config
+    return _reference(c.model, c.dataset, c.resnet_width, c.cnn4_width, c.seed)
 
 
 class SampledMask(nn.Module):

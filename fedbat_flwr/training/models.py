@@ -26,19 +26,22 @@ def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> list[nn.M
 
 
 class CNN4(nn.Module):
-    """4 x [conv 3x3, BN, ReLU, max-pool 2] with widths 32/64/128/256, then one bias-free Linear."""
+    """4 x [conv 3x3, BN, ReLU, max-pool 2] with widths w/2w/4w/8w (Table 4: w = 32), then one
+    bias-free Linear. A wider w over-parameterizes it (FedPM's random networks)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 32
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        widths = (in_channels, 32, 64, 128, 256)
+        widths = (in_channels, width, 2 * width, 4 * width, 8 * width)
         for in_ch, out_ch in itertools.pairwise(widths):
             layers += [*_conv_bn(in_ch, out_ch, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*layers)
         side = image_size // 16
         if side < 1:
             raise ValueError(f"image_size={image_size} is too small for CNN4 (need >= 16)")
-        self.classifier = nn.Linear(256 * side * side, num_classes, bias=False)
+        self.classifier = nn.Linear(8 * width * side * side, num_classes, bias=False)
         _init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -102,6 +105,7 @@ def build_model(
     num_classes: int,
     image_size: int,
     resnet_widths: Sequence[int] = (32, 64, 128, 256),
+    cnn4_width: int = 32,
 ) -> nn.Module:
     """Build a model by its run-config name: "cnn4", "resnet10" or "package.module:build_fn"."""
     if ":" in name:
@@ -109,7 +113,7 @@ def build_model(
             name, in_channels=in_channels, num_classes=num_classes, image_size=image_size
         )
     if name == "cnn4":
-        return CNN4(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+        return CNN4(in_channels, num_classes, image_size, width=cnn4_width)
     if name == "resnet10":
         return ResNet10(num_classes=num_classes, in_channels=in_channels, widths=resnet_widths)
     built_in = ", ".join(m for m in MODELS if m != AUTO_MODEL)
