@@ -16,6 +16,8 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fedbat_flwr.provenance import cpu_model
+
 MODULES = (
     "bench_uplink",  # bits per parameter from serialized replies, every method
     "bench_downlink",  # bits per parameter of what the server sends, every method
@@ -55,13 +57,7 @@ def main() -> int:
 
 def cpu_name() -> str:
     """The CPU model, so results say what they ran on (platform.processor() is often empty)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return cpu_model() or platform.machine() or "unknown CPU"
 
 
 def write_results(figures: list[dict]) -> None:

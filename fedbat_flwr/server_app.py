@@ -37,7 +37,7 @@ from .results import (
 )
 from .sampling import PartitionSampler
 from .server_part import ServerPart
-from .strategy import ValidatingStrategy, build_strategy
+from .strategy import ValidatingStrategy, method_strategy
 from .task import build_model_for, data_config, load_state, model_spec, state_arrays
 from .training import default_device, evaluate, prepare_model, use_threads
 
@@ -107,14 +107,10 @@ def _strategy(
 ) -> ValidatingStrategy:
     """The run's strategy: the method's payload kind, bounds and aggregator, Flower's sampling
     from the run config; federated evaluation off (the server evaluates centrally)."""
-    return build_strategy(
-        method.aggregator(config),
-        part=part,
-        spec=part.spec,
-        payload_kind=method.payload_kind,
-        bounds=method.step_bounds(config),
-        max_num_examples=config.max_num_examples,
-        num_examples_policy=config.num_examples_policy,
+    return method_strategy(
+        method,
+        config,
+        part,
         round_offset=round_offset,
         rounds=rounds,
         sampler=sampler,

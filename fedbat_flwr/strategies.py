@@ -29,7 +29,7 @@ from .config import ConfigError, RunConfig
 from .methods import get_method
 from .preflight import check_method
 from .records import arrays_to_record, record_to_arrays
-from .strategy import _FEDAVG_KWARGS, ValidatingStrategy, build_strategy
+from .strategy import _FEDAVG_KWARGS, ValidatingStrategy, method_strategy
 from .wire import ModelSpec
 
 # Run-config keys the clients read, sent in every train message (with the method's options).
@@ -118,16 +118,7 @@ def _parts(
         raise ConfigError("initial_arrays hold no floating-point tensor to train")
     method = check_method(config)
     part = method.server_part(ModelSpec.from_arrays(floats))
-    built = build_strategy(
-        method.aggregator(config),
-        part=part,
-        spec=part.spec,
-        payload_kind=method.payload_kind,
-        bounds=method.step_bounds(config),
-        max_num_examples=config.max_num_examples,
-        num_examples_policy=config.num_examples_policy,
-        **flower,
-    )
+    built = method_strategy(method, config, part, **flower)
     sent = config.to_flower()
     client = {k: sent[k] for k in (*CLIENT_KEYS, *method.options) if k in sent}
     return {

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, replace
 from logging import INFO, WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -42,6 +42,10 @@ from .results import RoundStats
 from .sampling import PartitionSampler
 from .server_part import ServerPart
 from .wire import AlphaBounds, Decoded, ModelSpec, PayloadError, decode_payload
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .methods import Method
 
 # The part of a checkpoint's strategy state that belongs to the server part (FedPM's
 # posteriors); the prefix checkpoints have always used.
@@ -425,4 +429,21 @@ def build_strategy(
         rounds=rounds,
         sampler=sampler,
         **{k: v for k, v in flower_kwargs.items() if k in _FEDAVG_KWARGS},
+    )
+
+
+def method_strategy(
+    method: Method, config: RunConfig, part: ServerPart, **kwargs: Any
+) -> ValidatingStrategy:
+    """The strategy a method's server runs: its aggregator, payload kind and step bounds, the
+    run's example cap; ``kwargs`` as for `build_strategy` (sampling, Flower's arguments)."""
+    return build_strategy(
+        method.aggregator(config),
+        part=part,
+        spec=part.spec,
+        payload_kind=method.payload_kind,
+        bounds=method.step_bounds(config),
+        max_num_examples=config.max_num_examples,
+        num_examples_policy=config.num_examples_policy,
+        **kwargs,
     )

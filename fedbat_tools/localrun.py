@@ -257,7 +257,13 @@ def stop_leftovers(home: Path, grace: float = 5.0) -> list[int]:
 
 def processes_under(home: Path) -> list[int]:
     """Living processes (not zombies) whose environment has FLWR_HOME=<home> (Linux /proc)."""
-    marker = f"\0FLWR_HOME={home}\0".encode()
+    return processes_with_env("FLWR_HOME", str(home))
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Living processes (not zombies), other than this one, whose environment has
+    <name>=<value> (Linux /proc)."""
+    marker = f"\0{name}={value}\0".encode()
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedbat_tools.localrun import is_alive
+from fedbat_tools.localrun import processes_with_env
 
 MARKER = "FEDBAT_TEST_LEFTOVER_MARK"
 
@@ -24,17 +24,7 @@ MARKER = "FEDBAT_TEST_LEFTOVER_MARK"
 def processes_marked(mark: str) -> list[int]:
     """Living processes (not zombies), other than this one, with MARKER=<mark> in their
     environment (Linux /proc)."""
-    needle = f"\0{MARKER}={mark}\0".encode()
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            environ = b"\0" + (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        pid = int(entry.name)
-        if needle in environ and pid != os.getpid() and is_alive(pid):
-            found.append(pid)
-    return found
+    return processes_with_env(MARKER, mark)
 
 
 def zombie_children() -> list[int]:
