@@ -24,7 +24,7 @@ OWN_AGGREGATION = ("fedbif", "fedpm")
 @pytest.fixture(scope="module")
 def federation() -> Federation:
     try:
-        return Federation(Protocol(rounds=3, clients=3, examples=64, test_examples=200))
+        return Federation(Protocol(rounds=3, clients=3, examples=32, test_examples=100))
     except DataUnavailableError as exc:
         pytest.skip(f"Fashion-MNIST not available: {exc}")
 
