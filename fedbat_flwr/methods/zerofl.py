@@ -12,7 +12,9 @@ the `max-update-entry` calibrated on FedAvg-like updates: a weight outside the f
 gets its gradient but never changes the loss, so it drifts by lr x steps x |gradient| with nothing
 pulling it back; honest first-layer updates are far above FedAvg's (docs/ARCHITECTURE.md,
 "Influence of one client", has the measurement). The bound only keeps sums finite; a hostile
-ZeroFL client is bounded by a robust aggregator (median, trimmed mean, Krum), not by it.
+ZeroFL client is bounded by a robust aggregator (median, trimmed mean, Krum), not by it. The
+BatchNorm statistics follow the weights' scale (with FedAdam the first layer's running mean moved
+by 21-50 in a round), so the same bound covers them.
 
 Upload as `topk` (Appendix A.2: "prune the model updates after training", 97% sparsity): per
 parameter tensor the largest `zerofl-density` (0.03) of |update| as float32 values with compact
@@ -73,7 +75,8 @@ class ZeroFL(Method):
         bound = option(
             config, MAX_UPDATE_KEY, 1e6, lambda b: 0.0 < b < math.inf, "a float in (0, inf)"
         )
-        return replace(super().step_bounds(config), update=bound)
+        bounds = super().step_bounds(config)
+        return replace(bounds, update=bound, stat=(0.0, max(bounds.stat[1], bound)))
 
     def train(self, task: LocalTask) -> ClientUpdate:
         with parametrized_weights(task.model, lambda: TopKWeights(self.sparsity)):
