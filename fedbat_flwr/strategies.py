@@ -82,7 +82,7 @@ class FedBATStrategy(ValidatingStrategy):
         bn_payload: str = "float16",
         downlink_bits: int = 32,
         aggregator: str = "fedavg",
-        seed: int = 0,
+        seed: int = 42,
         **kwargs: Any,
     ) -> None:
         named = dict(rho=rho, phi=phi, lr=lr, local_epochs=local_epochs, batch_size=batch_size)
@@ -101,8 +101,9 @@ def _split(method: str, kwargs: Mapping[str, Any]) -> tuple[RunConfig, dict[str,
     unknown = [k for k in unknown if k not in _FLOWER_KWARGS]
     if unknown:
         raise TypeError(f"{method} strategy: unknown argument(s) {unknown}")
-    flower = {k: v for k, v in kwargs.items() if k in _FLOWER_KWARGS and k not in own}
-    keys = {k.replace("_", "-"): v for k, v in kwargs.items() if k not in flower}
+    # fraction_train and min_train_nodes are run-config keys too: checked there, used by Flower.
+    flower = {k: v for k, v in kwargs.items() if k in _FLOWER_KWARGS}
+    keys = {k.replace("_", "-"): v for k, v in kwargs.items() if k not in flower or k in own}
     config = RunConfig.from_flower({**keys, "method": method})
     return config, flower
 

@@ -133,7 +133,8 @@ class ValidatingStrategy(FedAvg):
         names = set(self.spec.names)
         self.global_arrays = {k: v for k, v in record_to_arrays(arrays).items() if k in names}
         for key, value in self.client_config.items():
-            config[key] = value
+            if key not in config:  # a `train_config` passed to `start` wins
+                config[key] = value
         sent = self.part.downlink(self.global_arrays, server_round)
         if self.sampler is None:
             messages = list(super().configure_train(server_round, arrays, config, grid))

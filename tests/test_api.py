@@ -94,6 +94,18 @@ def test_error_feedback_memory_lives_in_the_context_state() -> None:
     assert client.STATE_KEY in context.state
 
 
+def test_flowers_sampling_arguments_reach_flower() -> None:
+    """fraction_train and min_train_nodes are run-config keys too; Flower must still get them."""
+    arrays = ArrayRecord(_model().state_dict())
+    for strategy in (
+        FedBATStrategy(arrays, fraction_train=0.3, min_train_nodes=5, fraction_evaluate=0.2),
+        make_strategy("signsgd", arrays, fraction_train=0.3, min_train_nodes=5),
+    ):
+        assert (strategy.fraction_train, strategy.min_train_nodes) == (0.3, 5)
+    with pytest.raises(ValueError, match="'fraction-train'"):
+        FedBATStrategy(arrays, fraction_train=1.5)
+
+
 def test_bad_arguments_are_named() -> None:
     arrays = ArrayRecord(_model().state_dict())
     with pytest.raises(TypeError, match="unknown argument"):
@@ -102,3 +114,10 @@ def test_bad_arguments_are_named() -> None:
         FedBATStrategy(arrays, phi=2.0)
     with pytest.raises(ValueError, match="'method' = 'nope' is unknown"):
         make_strategy("nope", arrays)
+
+
+def test_a_train_config_given_to_start_wins_over_the_strategys_options() -> None:
+    strategy = FedBATStrategy(ArrayRecord(_model().state_dict()), lr=0.1)
+    config = ConfigRecord({"lr": 0.01})
+    msg = next(iter(strategy.configure_train(1, strategy.initial_arrays, config, Grid())))
+    assert msg.content["config"]["lr"] == 0.01 and msg.content["config"]["rho"] == 6.0

@@ -28,6 +28,12 @@ def test_no_tool_module_in_the_fab(fab: dict[str, int]) -> None:
     assert (APP_DIR / "fedbat_tools" / "sweep.py").is_file(), "the tools are still in the folder"
 
 
+def test_the_quickstart_app_is_not_in_the_fab(fab: dict[str, int]) -> None:
+    """examples/quickstart is an app of its own (`flwr run examples/quickstart` bundles it)."""
+    assert not [name for name in fab if name.startswith("examples/quickstart/")]
+    assert (APP_DIR / "examples" / "quickstart" / "pyproject.toml").is_file()
+
+
 def test_the_fab_holds_the_app_and_only_what_a_run_imports(fab: dict[str, int]) -> None:
     folders = {name.split("/")[0] for name in fab if "/" in name}
     assert folders == RUN_TIME_FOLDERS
