@@ -10,7 +10,11 @@ import torch
 from torch import nn
 
 from fedbat_flwr.training.loop import TensorBatches, prepare_model, run_sgd
-from fedbat_flwr.training.parametrize import attach_binarized_updates, detach_binarized_updates
+from fedbat_flwr.training.parametrize import (
+    BinarizedUpdates,
+    attach_binarized_updates,
+    detach_binarized_updates,
+)
 
 
 @dataclass
@@ -76,49 +80,50 @@ def train_fedbat(
     switch is made after the last step so the result is still 1 bit + alpha (alpha' = mean|m|).
     With phi = 0, m = 0 at the switch, so alpha' = 0 and the clamp lifts alpha to alpha_min.
 
-    On return the binarized parameters hold their original weights again; BN running
-    statistics (and, with ``only_matrices``, the plain parameters) stay as trained (the caller
-    sends them). ``seed`` fixes the noise of S; the batch
-    order comes from ``batches.generator``.
+    On return the binarized parameters hold their original weights again; BN statistics (and,
+    with ``only_matrices``, the plain parameters) stay as trained. ``seed`` fixes S's noise.
     """
     if batches.num_examples == 0:
         raise ValueError("batches is empty: a client needs at least one example to train")
     model = prepare_model(model, device)
     noise = torch.Generator(device=device).manual_seed(seed)
+    bounds = {"alpha_min": config.alpha_min, "alpha_max": config.alpha_max}
     updates = attach_binarized_updates(
-        model,
-        rho=config.rho,
-        alpha_min=config.alpha_min,
-        alpha_max=config.alpha_max,
-        generator=noise,
-        only_matrices=config.only_matrices,
+        model, rho=config.rho, **bounds, generator=noise, only_matrices=config.only_matrices
     )
-    # Parameters left plain (only_matrices) train as they are, beside the updates.
-    plain = [p for p in model.parameters() if p.requires_grad]
-    tau = config.epochs * len(batches)
-    switch = switch_step(config.phi, tau)
-
-    def on_step(step: int) -> None:
-        if step == switch:
-            updates.start_binarization()
-
+    switch = switch_step(config.phi, config.epochs * len(batches))
     try:
-        steps, train_loss = run_sgd(
-            model,
-            [updates.update, updates.alpha_e, *plain],
-            batches,
-            epochs=config.epochs,
-            lr=config.lr,
-            device=device,
-            on_step=on_step,
-        )
-        if switch >= steps:  # phi = 1: no binarized step ran
-            on_step(switch)
+        steps, train_loss = _train_through_switch(model, updates, batches, config, device, switch)
         bits = {k: _to_numpy(b) for k, b in updates.final_bits().items()}
         alphas = updates.final_alphas()
     finally:
         detach_binarized_updates(model)
     return FedBATResult(bits, alphas, batches.num_examples, train_loss, steps, switch)
+
+
+def _train_through_switch(
+    model: nn.Module,
+    updates: BinarizedUpdates,
+    batches: TensorBatches,
+    config: FedBATConfig,
+    device: torch.device,
+    switch: int,
+) -> tuple[int, float]:
+    """SGD on the updates (and any plain parameter), binarizing from step `switch` on; with
+    phi = 1 the switch comes after the last step. Returns (steps, mean training loss)."""
+    plain = [p for p in model.parameters() if p.requires_grad]  # only_matrices leaves these
+
+    def on_step(step: int) -> None:
+        if step == switch:
+            updates.start_binarization()
+
+    trained = [updates.update, updates.alpha_e, *plain]
+    steps, train_loss = run_sgd(
+        model, trained, batches, epochs=config.epochs, lr=config.lr, device=device, on_step=on_step
+    )
+    if switch >= steps:  # phi = 1: no binarized step ran
+        on_step(switch)
+    return steps, train_loss
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:

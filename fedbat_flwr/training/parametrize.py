@@ -186,6 +186,24 @@ class _BinarizedWeights(torch.autograd.Function):
         return None, grad_m.view(-1), per_tensor * dalpha_e, None, None
 
 
+def _layouts(params: dict[str, torch.Tensor]) -> tuple[list[_Layout], int]:
+    """Each tensor's place in one flat buffer (rows of ROW entries) and the buffer's length;
+    the tensors must share one dtype and device."""
+    if not params:
+        raise ValueError("the model has no floating-point parameters to update")
+    kinds = {(p.dtype, p.device) for p in params.values()}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"parameters mix dtypes/devices {sorted(map(str, kinds))}; binarized updates "
+            "need one dtype and device for the whole model"
+        )
+    layouts, offset = [], 0
+    for name, p in params.items():
+        layouts.append(_layout(name, p, offset))
+        offset += -(-p.numel() // ROW) * ROW
+    return layouts, offset
+
+
 class BinarizedUpdates(nn.Module):
     """The learnable updates m and step sizes alpha = alpha' e^(rho alpha_e) of a whole model.
 
@@ -207,18 +225,7 @@ class BinarizedUpdates(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if not params:
-            raise ValueError("the model has no floating-point parameters to update")
-        kinds = {(p.dtype, p.device) for p in params.values()}
-        if len(kinds) > 1:
-            raise ValueError(
-                f"parameters mix dtypes/devices {sorted(map(str, kinds))}; binarized updates "
-                "need one dtype and device for the whole model"
-            )
-        layouts, offset = [], 0
-        for name, p in params.items():
-            layouts.append(_layout(name, p, offset))
-            offset += -(-p.numel() // ROW) * ROW
+        layouts, offset = _layouts(params)
         self.layouts = tuple(layouts)
         # Each tensor's entries, then its padding: the pieces a flat buffer is split into.
         ends = [layout.offset for layout in layouts[1:]] + [offset]
