@@ -119,6 +119,13 @@ def _parts(
         raise ConfigError("initial_arrays hold no floating-point tensor to train")
     method = check_method(config)
     part = method.server_part(ModelSpec.from_arrays(floats))
+    try:
+        start = arrays_to_record(part.initial(floats))
+    except KeyError as exc:  # FedPM: masks over the app's own random network (its `model`)
+        raise ConfigError(
+            f"method {config.method!r} starts from the app's own model ({config.model_name!r}), "
+            f"which has no tensor {exc}; allowed: initial_arrays of that model"
+        ) from None
     built = method_strategy(method, config, part, **flower)
     sent = config.to_flower()
     client = {k: sent[k] for k in (*CLIENT_KEYS, *method.options) if k in sent}
@@ -128,4 +135,4 @@ def _parts(
         "num_examples_policy": config.num_examples_policy,
         "client_config": client,
         **{k: v for k, v in flower.items() if k in _FEDAVG_KWARGS},
-    }, arrays_to_record(part.initial(floats))
+    }, start

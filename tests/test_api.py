@@ -112,6 +112,8 @@ def test_bad_arguments_are_named() -> None:
         FedBATStrategy(arrays, rhoo=6.0)
     with pytest.raises(ValueError, match=r"'phi' = 2\.0 is out of range"):
         FedBATStrategy(arrays, phi=2.0)
+    with pytest.raises(ValueError, match="method 'fedpm' starts from the app's own model"):
+        make_strategy("fedpm", arrays)
     with pytest.raises(ValueError, match="'method' = 'nope' is unknown"):
         make_strategy("nope", arrays)
 
