@@ -28,7 +28,6 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from .broadcast import Broadcast
-from .config import ConfigError, RunConfig
 from .records import arrays_to_record, payload_to_record
 from .wire import Decoded, ModelSpec, PayloadError, is_binarized
 
@@ -168,15 +167,6 @@ def binary_network(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> Arrays
             alpha = np.float32(np.abs(w).mean(dtype=np.float64)) if w.size else np.float32(0)
             out[t.name] = np.where(w >= 0, alpha, -alpha).astype(np.float32)
     return out
-
-
-def require_fedavg(config: RunConfig) -> None:
-    """A method that aggregates in its own way cannot be combined with another aggregator."""
-    if config.aggregator != "fedavg":
-        raise ConfigError(
-            f"run-config 'aggregator' = {config.aggregator!r} is not allowed with method "
-            f"{config.method!r}, which aggregates with its own server part; allowed: 'fedavg'"
-        )
 
 
 def expect(condition: bool, field: str, reason: str) -> None:

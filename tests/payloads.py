@@ -106,8 +106,8 @@ def make_strategy(
 def make_part(kind: str, seed: int = 0) -> ServerPart:
     """FedBiF's part (m = 4, one bit a round: bit 3 in round 1), FedPM's (the reference
     network is `global_arrays(seed)`) or the default one of every other kind."""
-    from fedbat_flwr.methods.fedbif import FedBiFPart
-    from fedbat_flwr.methods.fedpm import FedPMPart
+    from fedbat_flwr.methods.server.fedbif import FedBiFPart
+    from fedbat_flwr.methods.server.fedpm import FedPMPart
 
     if kind == "fedbif-bits":
         return FedBiFPart(SPEC, FEDBIF_BITS, 1, "cycle", seed=seed)

@@ -6,7 +6,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.app.error import Error
 
-from fedbat_flwr.methods.fedbif import FedBiFPart
+from fedbat_flwr.methods.server.fedbif import FedBiFPart
 from fedbat_flwr.records import payload_to_record
 from fedbat_flwr.strategy import ValidatingStrategy, build_strategy
 from fedbat_flwr.wire import AlphaBounds, ModelSpec, TensorSpec, encode_signs

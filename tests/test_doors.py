@@ -10,10 +10,16 @@ import sys
 
 import pytest
 
-# The project's server side: strategies and their aggregation, sampling, the results writer and
-# the start-up checks. (Flower's own flwr.clientapp imports flwr.serverapp; only ours count.)
+# The project's server side: strategies and their aggregation, the methods' server parts and the
+# model broadcast, sampling, the results writer and the start-up checks. (Flower's own
+# flwr.clientapp imports flwr.serverapp; only ours count.)
 SERVER_MODULES = {
     "fedbat_flwr.server_app",
+    "fedbat_flwr.server_part",
+    "fedbat_flwr.broadcast",
+    "fedbat_flwr.methods.server",
+    "fedbat_flwr.methods.server.fedbif",
+    "fedbat_flwr.methods.server.fedpm",
     "fedbat_flwr.strategy",
     "fedbat_flwr.strategies",
     "fedbat_flwr.aggregators",

@@ -11,7 +11,8 @@ from torch import nn
 
 from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.methods import LocalTask, get_method
-from fedbat_flwr.methods.fedbif import ActiveBits, FedBiFPart, active_bits, inherit
+from fedbat_flwr.methods.fedbif import ActiveBits, active_bits, inherit
+from fedbat_flwr.methods.server.fedbif import FedBiFPart
 from fedbat_flwr.records import payload_to_record, record_to_payload, wire_bytes
 from fedbat_flwr.task import build_model_for, load_state, model_spec, state_arrays
 from fedbat_flwr.training import TensorBatches

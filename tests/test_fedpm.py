@@ -15,13 +15,13 @@ from torch import nn
 from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.methods import LocalTask, get_method
 from fedbat_flwr.methods.fedpm import (
-    FedPMPart,
     SampledMask,
     _score,
     encode_masks,
     posterior_theta,
     reference_weights,
 )
+from fedbat_flwr.methods.server.fedpm import FedPMPart
 from fedbat_flwr.records import payload_to_record, record_to_payload, wire_bytes
 from fedbat_flwr.task import load_state, model_spec, state_arrays
 from fedbat_flwr.training import TensorBatches

@@ -14,7 +14,7 @@ from .base import (
 )
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in {"base", "common"}:
+    if _module.name not in {"base", "common"} and not _module.ispkg:  # server/: on demand
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [

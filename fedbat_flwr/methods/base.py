@@ -12,20 +12,22 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..broadcast import Broadcast
 from ..config import ConfigError, RunConfig
 from ..data import TensorData
-from ..server_part import ServerPart
 from ..task import build_model_for, client_seed, load_state, model_spec
 from ..training import TensorBatches, default_device, prepare_model
 from ..wire import AlphaBounds, ModelSpec
 from ..wire.downlink import decode_downlink
+
+if TYPE_CHECKING:  # the server side loads only where a server runs (tests/test_doors.py)
+    from ..broadcast import Broadcast
+    from ..server_part import ServerPart
 
 
 @dataclass
@@ -105,11 +107,15 @@ class Method(ABC):
         """This method's server side (docs/ARCHITECTURE.md, "Methods"). Default: broadcast the
         model (quantized with `downlink-bits` < 32), aggregate with the run's `aggregator`,
         evaluate the weights as they are."""
+        from ..server_part import ServerPart
+
         return ServerPart(spec, self.broadcast(spec))
 
     def broadcast(self, spec: ModelSpec) -> Broadcast:
         """The model broadcast of this run (`downlink-bits`, noise from the run's seed), for a
         server part that sends the model as the default one does."""
+        from ..broadcast import Broadcast
+
         return Broadcast(spec, self.config.downlink_bits, self.config.seed)
 
     @classmethod

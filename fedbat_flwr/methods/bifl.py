@@ -35,15 +35,19 @@ network.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
 
-from ..server_part import BinaryNetworkPart, ServerPart
 from ..task import state_arrays
 from ..wire import ModelSpec, encode_binary_weights, is_binarized
 from .base import ClientUpdate, LocalTask, Method, register
 from .common import parametrized_weights, train_plain
+
+if TYPE_CHECKING:  # the server side loads only where a server runs (tests/test_doors.py)
+    from ..server_part import ServerPart
 
 
 class SignSTE(nn.Module):
@@ -66,6 +70,8 @@ class BinaryNetworkMethod(Method):
     """A BNN method: the server tests the global weights as the clients' binary network."""
 
     def server_part(self, spec: ModelSpec) -> ServerPart:
+        from ..server_part import BinaryNetworkPart
+
         return BinaryNetworkPart(spec, self.broadcast(spec))
 
 

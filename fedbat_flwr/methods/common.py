@@ -287,3 +287,12 @@ class FixedStepSigns(Method):
         alphas = {t.name: self.alpha for t in params}
         payload = encode_param_signs(task, delta, bits, alphas)
         return ClientUpdate(payload, task.batches.num_examples, {"train-loss": loss})
+
+
+def require_fedavg(config: RunConfig) -> None:
+    """A method that aggregates in its own way cannot be combined with another aggregator."""
+    if config.aggregator != "fedavg":
+        raise ConfigError(
+            f"run-config 'aggregator' = {config.aggregator!r} is not allowed with method "
+            f"{config.method!r}, which aggregates with its own server part; allowed: 'fedavg'"
+        )
