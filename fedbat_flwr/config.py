@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 try:
     import tomllib
@@ -34,6 +34,9 @@ DOWNLINK_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)  # wire/downlink.py; 32 = the f
 
 # The app folder: the checkout, or in a run the FAB Flower installed (pyproject.toml included).
 APP_ROOT = Path(__file__).resolve().parent.parent
+
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -178,6 +181,15 @@ def coerce(key: str, value: Any, kind: type) -> Any:
             f"run-config '{key}' = {value!r} has type {type(value).__name__}; "
             f"allowed: {kind.__name__}"
         )
+    return value
+
+
+def option(config: RunConfig, key: str, default: T, ok: Callable[[T], bool], allowed: str) -> T:
+    """A key of `RunConfig.extra` (a method's option, the test hook's keys), checked once; the
+    error names the key, the value and what is allowed."""
+    value = config.get(key, default)
+    if not ok(value):
+        raise ConfigError(f"run-config '{key}' = {value!r} is not allowed; allowed: {allowed}")
     return value
 
 

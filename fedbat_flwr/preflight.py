@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import FAULT_KINDS, ConfigError, RunConfig, check_keys, did_you_mean
+from .config import FAULT_KINDS, ConfigError, RunConfig, check_keys, did_you_mean, option
 from .results import (
     TENSORBOARD_KEY,
     CheckpointError,
@@ -67,9 +67,7 @@ def check_fault_hook(config: RunConfig) -> None:
         ("fault-kind", "raise", lambda v: v in FAULT_KINDS, ", ".join(map(repr, FAULT_KINDS))),
     )
     for key, default, ok, allowed in checks:
-        value = config.get(key, default)
-        if not ok(value):
-            raise ConfigError(f"run-config '{key}' = {value!r} is not allowed; allowed: {allowed}")
+        option(config, key, default, ok, allowed)
 
 
 def check_nodes(config: RunConfig, num_nodes: int) -> None:

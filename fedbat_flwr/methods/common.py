@@ -7,21 +7,19 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, option
 from ..task import state_arrays
 from ..training import recompute_batchnorm_statistics, run_sgd
 from ..wire import AlphaBounds, ModelSpec, TensorSpec, encode_signs, encode_sparse, is_binarized
 from ..wire.mixed import encode_mixed
 from .base import ClientUpdate, LocalTask, Method
-
-T = TypeVar("T")
 
 
 def local_delta(task: LocalTask) -> dict[str, np.ndarray]:
@@ -232,14 +230,6 @@ def parametrized_by_name(model: nn.Module, parts: Mapping[str, nn.Module]) -> It
         for module, attr, flag in targets:
             parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
             getattr(module, attr).requires_grad_(flag)
-
-
-def option(config: RunConfig, key: str, default: T, ok: Callable[[T], bool], allowed: str) -> T:
-    """A method-specific run-config key (`RunConfig.extra`), checked once, naming key and value."""
-    value = config.get(key, default)
-    if not ok(value):
-        raise ConfigError(f"run-config '{key}' = {value!r} is not allowed; allowed: {allowed}")
-    return value
 
 
 class FixedStepSigns(Method):
