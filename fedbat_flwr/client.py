@@ -107,9 +107,7 @@ def run_round(
     return Message(content=content, reply_to=msg)
 
 
-def _gather(
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather(loader: Batches) -> tuple[torch.Tensor, torch.Tensor]:
     """Every (inputs, labels) batch of `loader`, concatenated (dict batches: first two values)."""
     xs, ys = [], []
     for batch in loader:

@@ -29,7 +29,7 @@ from .config import ConfigError, RunConfig
 from .methods import get_method
 from .preflight import check_method
 from .records import arrays_to_record, record_to_arrays
-from .strategy import _FEDAVG_KWARGS, ValidatingStrategy, method_strategy
+from .strategy import _FEDAVG_KWARGS, ValidatingStrategy, method_arguments
 from .wire import ModelSpec
 
 # Run-config keys the clients read, sent in every train message (with the method's options).
@@ -96,7 +96,7 @@ class FedBATStrategy(ValidatingStrategy):
 
 def _split(method: str, kwargs: Mapping[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
     """(the run config, Flower's arguments) out of a strategy's keyword arguments."""
-    own = set(get_method(method).options) | {f for f in RunConfig.__dataclass_fields__}
+    own = set(get_method(method).options) | set(RunConfig.__dataclass_fields__)
     unknown = sorted(k for k in kwargs if k not in own and k.replace("_", "-") not in own)
     unknown = [k for k in unknown if k not in _FLOWER_KWARGS]
     if unknown:
@@ -126,13 +126,6 @@ def _parts(
             f"method {config.method!r} starts from the app's own model ({config.model_name!r}), "
             f"which has no tensor {exc}; allowed: initial_arrays of that model"
         ) from None
-    built = method_strategy(method, config, part, **flower)
     sent = config.to_flower()
     client = {k: sent[k] for k in (*CLIENT_KEYS, *method.options) if k in sent}
-    return {
-        **{k: getattr(built, k) for k in ("part", "aggregator", "payload_kind", "decode")},
-        "max_num_examples": config.max_num_examples,
-        "num_examples_policy": config.num_examples_policy,
-        "client_config": client,
-        **{k: v for k, v in flower.items() if k in _FEDAVG_KWARGS},
-    }, start
+    return method_arguments(method, config, part, client_config=client, **flower), start

@@ -385,7 +385,7 @@ def _shared_metrics(accepted: list[Accepted]) -> list[Accepted]:
 _FEDAVG_KWARGS = frozenset(inspect.signature(FedAvg.__init__).parameters) - {"self"}
 
 
-def build_strategy(
+def strategy_arguments(
     aggregator: str,
     *,
     spec: ModelSpec,
@@ -397,10 +397,12 @@ def build_strategy(
     round_offset: int = 0,
     rounds: MutableMapping[int, RoundStats] | None = None,
     sampler: PartitionSampler | None = None,
+    client_config: Mapping[str, Any] | None = None,
     **flower_kwargs: Any,
-) -> ValidatingStrategy:
-    """The strategy for one method's payload kind and server part (default: `ServerPart`),
-    aggregating with the run config's `aggregator` unless the part aggregates itself.
+) -> dict[str, Any]:
+    """`ValidatingStrategy`'s arguments for one method's payload kind and server part (default:
+    `ServerPart`), aggregating with the run config's `aggregator` unless the part aggregates
+    itself (a subclass such as `FedBATStrategy` passes them to its own `__init__`).
 
     ``flower_kwargs`` configure Flower's sampling (FedAvg's arguments) and, all of them, the
     Flower strategy an aggregator wraps (e.g. Krum's `num_malicious_nodes`).
@@ -419,26 +421,32 @@ def build_strategy(
         decode=decode,
         **flower_kwargs,
     )
-    return ValidatingStrategy(
-        part=part,
-        aggregator=part.aggregator(configured),
-        payload_kind=payload_kind,
-        decode=decode,
-        max_num_examples=max_num_examples,
-        num_examples_policy=num_examples_policy,
-        round_offset=round_offset,
-        rounds=rounds,
-        sampler=sampler,
+    return {
+        "part": part,
+        "aggregator": part.aggregator(configured),
+        "payload_kind": payload_kind,
+        "decode": decode,
+        "max_num_examples": max_num_examples,
+        "num_examples_policy": num_examples_policy,
+        "round_offset": round_offset,
+        "rounds": rounds,
+        "sampler": sampler,
+        "client_config": client_config,
         **{k: v for k, v in flower_kwargs.items() if k in _FEDAVG_KWARGS},
-    )
+    }
 
 
-def method_strategy(
+def build_strategy(aggregator: str, **kwargs: Any) -> ValidatingStrategy:
+    """The strategy `strategy_arguments(aggregator, **kwargs)` describes."""
+    return ValidatingStrategy(**strategy_arguments(aggregator, **kwargs))
+
+
+def method_arguments(
     method: Method, config: RunConfig, part: ServerPart, **kwargs: Any
-) -> ValidatingStrategy:
-    """The strategy a method's server runs: its aggregator, payload kind and step bounds, the
-    run's example cap; ``kwargs`` as for `build_strategy` (sampling, Flower's arguments)."""
-    return build_strategy(
+) -> dict[str, Any]:
+    """The strategy arguments of a method's server: its aggregator, payload kind and step
+    bounds, the run's example cap; ``kwargs`` as for `strategy_arguments`."""
+    return strategy_arguments(
         method.aggregator(config),
         part=part,
         spec=part.spec,
@@ -448,3 +456,10 @@ def method_strategy(
         num_examples_policy=config.num_examples_policy,
         **kwargs,
     )
+
+
+def method_strategy(
+    method: Method, config: RunConfig, part: ServerPart, **kwargs: Any
+) -> ValidatingStrategy:
+    """The strategy a method's server runs (`method_arguments`)."""
+    return ValidatingStrategy(**method_arguments(method, config, part, **kwargs))
