@@ -27,19 +27,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedbat_flwr import provenance, server_app
 from fedbat_flwr.aggregators import AGGREGATORS
+from fedbat_flwr.client import CONFIG_KEY, run_round
 from fedbat_flwr.client_app import measure_network
 from fedbat_flwr.config import ConfigError, RunConfig
 from fedbat_flwr.data import TensorData, load_partition, load_test_set
-from fedbat_flwr.methods import Method, client_task, method_names
+from fedbat_flwr.keys import ARRAYS_KEY
+from fedbat_flwr.methods import Method, method_names
 from fedbat_flwr.preflight import check_method
-from fedbat_flwr.records import arrays_to_record, payload_to_record, record_to_arrays
+from fedbat_flwr.records import arrays_to_record, record_to_arrays
 from fedbat_flwr.results import RoundStats
+from fedbat_flwr.server_part import ServerPart
+from fedbat_flwr.strategy import ValidatingStrategy
 from fedbat_flwr.task import build_model_for, data_config, load_state, model_spec, state_arrays
 from fedbat_flwr.training import evaluate, use_threads
-from fedbat_tools.messages import reply
+from fedbat_tools.messages import metadata_from, reply
 
 
 @dataclass
@@ -118,14 +123,18 @@ def _train(federation: Federation, method: Method, config: RunConfig, cell: Cell
     part = method.server_part(spec)
     strategy = server_app._strategy(config, method, part, round_offset=0, rounds={})
     master = part.initial(state_arrays(model))
-    states: list[dict[str, np.ndarray]] = [{} for _ in federation.partitions]
+    memories = [RecordDict() for _ in federation.partitions]  # each client's context.state
     bits = []
     for server_round in range(1, config.num_server_rounds + 1):
         strategy.rounds[server_round] = RoundStats()
         strategy.global_arrays = master
-        downlink = record_to_arrays(part.downlink(master, server_round))
+        content = {ARRAYS_KEY: part.downlink(master, server_round)}
+        sent = Message(
+            RecordDict({**content, CONFIG_KEY: ConfigRecord({"server-round": server_round})}),
+            metadata=metadata_from(0),
+        )
         replies = [
-            _client_reply(method, data, downlink, k, server_round, states[k], strategy, cell)
+            _client_reply(method, data, sent, k, memories[k], strategy, cell)
             for k, data in enumerate(federation.partitions)
         ]
         arrays, _ = strategy.aggregate_train(server_round, replies)
@@ -141,19 +150,23 @@ def _train(federation: Federation, method: Method, config: RunConfig, cell: Cell
     cell.final_model = master
 
 
-def _client_reply(method, data, downlink, k, server_round, state, strategy, cell):
-    """One client's round, packed as the ClientApp packs it; its update's size recorded."""
-    task = client_task(
-        method, data, downlink, partition_id=k, server_round=server_round, state=state
-    )
-    update = method.train(task)
-    pack = arrays_to_record if method.payload_kind == "dense" else payload_to_record
-    record = pack(update.payload)
-    _record_update_size(strategy, record, cell)
-    return reply(k + 1, record, update.num_examples, **update.metrics)
+def _client_reply(
+    method: Method,
+    data: TensorData,
+    sent: Message,
+    k: int,
+    memory: RecordDict,
+    strategy: ValidatingStrategy,
+    cell: Cell,
+) -> Message:
+    """Client k's round as the ClientApp runs it (`client.run_round`), as the server receives
+    it from node k + 1; its update's size recorded."""
+    answer = run_round(method, data, sent, client_id=k, memory=memory)
+    _record_update_size(strategy, answer.content[ARRAYS_KEY], cell)
+    return Message(answer.content, metadata=metadata_from(k + 1))
 
 
-def _record_update_size(strategy, record, cell: Cell) -> None:
+def _record_update_size(strategy: ValidatingStrategy, record: ArrayRecord, cell: Cell) -> None:
     """The largest |entry| per tensor of an update (replies that carry weights are skipped)."""
     try:
         decoded = strategy.decode(record)
@@ -166,7 +179,14 @@ def _record_update_size(strategy, record, cell: Cell) -> None:
         cell.max_update[name] = max(cell.max_update.get(name, 0.0), size)
 
 
-def _refit(federation, config, part, master, strategy, server_round) -> None:
+def _refit(
+    federation: Federation,
+    config: RunConfig,
+    part: ServerPart,
+    master: dict[str, np.ndarray],
+    strategy: ValidatingStrategy,
+    server_round: int,
+) -> None:
     """The federated-evaluation step: every client measures the evaluated network's statistics."""
     network = part.eval_arrays(master)
     replies = []
